@@ -1,0 +1,27 @@
+"""pose_megatron: PoSE (positional skip-wise training) as a plugin for megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="pose_megatron",
+    version="0.1.0",
+    description="PoSE context-window extension for megatron-core LLaMA-style models",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pose_megatron", "pose_megatron.*"]),
+    install_requires=[
+        # megatron-core 0.16.1 is the newest release for Python 3.11 and ships prebuilt dataset helpers.
+        "megatron-core==0.16.1",
+        # Never a CPU-only pin: GPU users and NGC containers bring their own CUDA torch.
+        "torch>=2.6",
+        "numpy",
+        "sentencepiece",
+        "safetensors",
+        "psutil",  # dist_checkpointing's async save
+        "tqdm",
+        "packaging",
+    ],
+    extras_require={
+        "test": ["pytest", "transformers==5.24.0", "scipy"],
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+)
