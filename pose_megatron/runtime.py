@@ -1,0 +1,105 @@
+"""Process setup: torch.distributed, megatron-core's model-parallel groups, seeds and the device.
+
+Works the same under torchrun (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the
+environment) and as a plain single process (no variables: a one-process group on a free local port).
+NCCL when CUDA is present, gloo otherwise; on CPU the compatibility layer is applied first.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def get_device() -> torch.device:
+    """The device this rank computes on: its local GPU, or the CPU."""
+    if cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize_distributed(timeout_minutes: int = 30) -> None:
+    """Create the default process group (idempotent)."""
+    if not cuda_available():
+        from pose_megatron import cpu_compat
+
+        cpu_compat.apply()
+    if dist.is_initialized():
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if "MASTER_ADDR" not in os.environ:
+        if world_size != 1:
+            raise RuntimeError(
+                "WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun, which sets both."
+            )
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
+    if cuda_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(
+        backend="nccl" if cuda_available() else "gloo",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+
+
+def initialize_model_parallel(
+    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1
+) -> None:
+    """(Re)build megatron-core's TP / PP / DP groups over the default process group."""
+    world_size = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by TP x PP = {tensor_model_parallel_size} x "
+            f"{pipeline_model_parallel_size}: change --tensor-model-parallel-size, "
+            "--pipeline-model-parallel-size or the number of processes."
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch, and megatron-core's tensor-parallel RNG tracker.
+
+    The CPU generator gets the same seed on every rank, so CPU-side initialisation
+    (`use_cpu_initialization`) yields the same full weights whatever the TP size; the tracker
+    offsets the tensor-parallel stream per TP rank, as megatron-core does.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # On CPU the tracker drew its states from the CPU generator; restore the plain seed.
+    torch.manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down model-parallel groups and the process group (end of a run or a test)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
