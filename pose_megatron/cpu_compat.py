@@ -143,6 +143,10 @@ _PATCHED_MODULES = {
     "megatron.core.pipeline_parallel.schedules": "token counter device",
     # shape exchange buffers on torch.cuda.current_device(); torch.cuda.synchronize after batched p2p.
     "megatron.core.pipeline_parallel.p2p_communication": "p2p buffers and sync",
+    # torch.cuda.synchronize before copying tensors out for a (sync or async) checkpoint save.
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "save preload sync",
+    # the save's reuse check all-reduces a flag created on "cuda".
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "save flag device",
 }
 
 
