@@ -45,17 +45,19 @@ def initialize_distributed(timeout_minutes: int = 30) -> None:
         return
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    init_method = "env://"
     if "MASTER_ADDR" not in os.environ:
         if world_size != 1:
             raise RuntimeError(
                 "WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun, which sets both."
             )
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
+        # A private rendezvous; not exported, so child processes start their own.
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
     if cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(
         backend="nccl" if cuda_available() else "gloo",
+        init_method=init_method,
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(minutes=timeout_minutes),

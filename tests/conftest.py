@@ -11,6 +11,7 @@ def megatron_env():
 
     runtime.initialize_distributed()
     runtime.initialize_model_parallel(1, 1)
+    runtime.set_seed(1234)
     yield
     runtime.destroy()
 
