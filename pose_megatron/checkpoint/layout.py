@@ -1,0 +1,138 @@
+"""Megatron-LM's checkpoint directory convention, and the run configuration stored beside the weights.
+
+    SAVE/
+      latest_checkpointed_iteration.txt   "100" (or "release" for a converted checkpoint)
+      iter_0000100/                        torch_dist dist checkpoint (metadata.json, *.distcp, common.pt)
+        pose_config.json                   the model architecture and RoPE scaling (see RunConfig)
+      release/                             what the Hugging Face importer writes
+
+A checkpoint directory is written under a temporary name and renamed when complete; the tracker file
+is replaced atomically after that, so a run killed during a save leaves the previous one the latest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+from pose_megatron.config import ModelConfig
+from pose_megatron.rope import RopeScaling
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+CONFIG_FILE = "pose_config.json"
+RELEASE = "release"
+FORMAT_VERSION = 1
+
+Iteration = Union[int, str]  # an iteration number, or RELEASE
+
+
+@dataclass
+class RunConfig:
+    """What a checkpoint needs to be rebuilt without repeating model flags."""
+
+    model: ModelConfig
+    """Architecture (vocab_size is the tokenizer's, before TP padding)."""
+    rope_scaling: RopeScaling
+    """RoPE scaling the weights were trained (or converted) with."""
+    family: str = "llama"
+    """Checkpoint family for Hugging Face export: "llama" or "baichuan"."""
+    seq_length: Optional[int] = None
+    """Training window L_c of the run that wrote it (None for an import)."""
+    target_length: Optional[int] = None
+    """PoSE target length L_t: becomes max_position_embeddings on export."""
+    extra: dict = field(default_factory=dict)
+    """Free-form provenance (source model, tokenizer, converter arguments)."""
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "family": self.family,
+            "model": dataclasses.asdict(self.model),
+            "rope_scaling": dataclasses.asdict(self.rope_scaling),
+            "seq_length": self.seq_length,
+            "target_length": self.target_length,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RunConfig":
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{CONFIG_FILE} has format_version {version!r}; this pose_megatron "
+                             f"reads version {FORMAT_VERSION}")
+        return cls(
+            model=ModelConfig(**data["model"]),
+            rope_scaling=RopeScaling(**data["rope_scaling"]),
+            family=data.get("family", "llama"),
+            seq_length=data.get("seq_length"),
+            target_length=data.get("target_length"),
+            extra=data.get("extra", {}),
+        )
+
+
+def iteration_dirname(iteration: Iteration) -> str:
+    return RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_tracker(root: Union[str, Path]) -> Optional[Iteration]:
+    """The latest complete iteration under root, or None when root holds no checkpoint."""
+    tracker = Path(root) / TRACKER_FILE
+    if not tracker.exists():
+        return None
+    text = tracker.read_text().strip()
+    if text == RELEASE:
+        return RELEASE
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{tracker} holds {text!r}, expected an iteration number or 'release'")
+
+
+def write_tracker(root: Union[str, Path], iteration: Iteration) -> None:
+    write_atomic(Path(root) / TRACKER_FILE, f"{iteration}\n")
+
+
+def resolve_checkpoint_dir(path: Union[str, Path]) -> Path:
+    """The checkpoint directory that `path` names: a save root (via its tracker) or an iter_* dir."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    iteration = read_tracker(path)
+    if iteration is not None:
+        ckpt = path / iteration_dirname(iteration)
+    elif (path / "metadata.json").exists():
+        ckpt = path
+    else:
+        raise FileNotFoundError(
+            f"{path} holds no {TRACKER_FILE} and is no checkpoint directory (no metadata.json): "
+            "pass the --save directory of a run, or one of its iter_* directories"
+        )
+    if not (ckpt / "metadata.json").exists():
+        raise FileNotFoundError(f"{ckpt} is incomplete or missing (no metadata.json)")
+    return ckpt
+
+
+def save_run_config(ckpt_dir: Union[str, Path], config: RunConfig) -> None:
+    write_atomic(Path(ckpt_dir) / CONFIG_FILE, json.dumps(config.to_json(), indent=2) + "\n")
+
+
+def load_run_config(ckpt_dir: Union[str, Path]) -> Optional[RunConfig]:
+    """The RunConfig stored in a checkpoint directory, or None for checkpoints without one."""
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    return RunConfig.from_json(json.loads(path.read_text()))

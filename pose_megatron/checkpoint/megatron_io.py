@@ -1,0 +1,83 @@
+"""Model weights in megatron-core dist checkpoints (torch_dist), in Megatron-LM's directory layout.
+
+The sharded state dict is `{"model": model.sharded_state_dict(), ...}`: tensors are stored with their
+global shapes and layer numbers, so weights load at any TP / PP. The trainer adds optimizer,
+scheduler and RNG entries to the same dict; the tools here read only "model".
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional, Union
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from pose_megatron.checkpoint.layout import (
+    Iteration,
+    RunConfig,
+    iteration_dirname,
+    load_run_config,
+    resolve_checkpoint_dir,
+    save_run_config,
+    write_tracker,
+)
+
+
+def _is_writer() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_sharded(
+    root: Union[str, Path],
+    iteration: Iteration,
+    sharded_state_dict: dict,
+    run_config: RunConfig,
+) -> Path:
+    """Save a sharded state dict as ROOT/iter_XXXXXXX, atomically; collective over all ranks.
+
+    Written into a temporary sibling directory first; renamed and made the latest only once every
+    rank has finished, so an interrupted save never shadows the previous checkpoint.
+    """
+    root = Path(root)
+    final = root / iteration_dirname(iteration)
+    tmp = root / f".{final.name}.incomplete"
+    if _is_writer():
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by an earlier interrupted save
+        tmp.mkdir()
+    _barrier()
+    dist_checkpointing.save(sharded_state_dict, str(tmp))
+    _barrier()
+    if _is_writer():
+        save_run_config(tmp, run_config)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        write_tracker(root, iteration)
+    _barrier()
+    return final
+
+
+def load_model_weights(path: Union[str, Path], model) -> Optional[RunConfig]:
+    """Load the "model" entry of a checkpoint into `model` (any TP / PP); collective.
+
+    `path` is a save root (its latest iteration is used) or an iteration directory. Returns the
+    stored RunConfig (None if the checkpoint has none).
+    """
+    ckpt = resolve_checkpoint_dir(path)
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
+    model.load_state_dict(state["model"])
+    return load_run_config(ckpt)
+
+
+def save_model_weights(root: Union[str, Path], iteration: Iteration, model, run_config: RunConfig) -> Path:
+    """Save only the model's weights (e.g. an export or a converted checkpoint); collective."""
+    return save_sharded(root, iteration, {"model": model.sharded_state_dict()}, run_config)

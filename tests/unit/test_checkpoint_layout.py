@@ -1,0 +1,54 @@
+"""Megatron-LM directory layout: tracker, atomic saves, the stored run configuration."""
+
+import pytest
+import torch
+
+from pose_megatron.checkpoint.layout import (
+    RunConfig,
+    load_run_config,
+    read_tracker,
+    resolve_checkpoint_dir,
+    write_tracker,
+)
+from pose_megatron.checkpoint.megatron_io import load_model_weights, save_model_weights
+from tiny_models import ROPE_CASES, TINY, pose_llama
+
+
+def test_tracker_round_trip_and_bad_content(tmp_path):
+    assert read_tracker(tmp_path) is None
+    write_tracker(tmp_path, 100)
+    assert read_tracker(tmp_path) == 100
+    write_tracker(tmp_path, "release")
+    assert read_tracker(tmp_path) == "release"
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("garbage")
+    with pytest.raises(ValueError, match="iteration number or 'release'"):
+        read_tracker(tmp_path)
+
+
+def test_resolve_reports_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_checkpoint_dir(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no latest_checkpointed_iteration.txt"):
+        resolve_checkpoint_dir(tmp_path)
+    write_tracker(tmp_path, 5)  # tracker points at a directory that was never completed
+    with pytest.raises(FileNotFoundError, match="iter_0000005 is incomplete"):
+        resolve_checkpoint_dir(tmp_path)
+
+
+def test_weights_and_config_round_trip(megatron_env, tmp_path):
+    scaling = ROPE_CASES["yarn-revised"]
+    model = pose_llama(TINY, scaling)
+    run = RunConfig(model=TINY, rope_scaling=scaling, seq_length=64, target_length=512)
+    ckpt = save_model_weights(tmp_path, 3, model, run)
+    assert ckpt.name == "iter_0000003" and read_tracker(tmp_path) == 3
+    assert not list(tmp_path.glob(".*incomplete"))
+
+    torch.manual_seed(99)
+    other = pose_llama(TINY, scaling)
+    assert not torch.equal(other.output_layer.weight, model.output_layer.weight)
+    loaded = load_model_weights(tmp_path, other)
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
+    assert loaded == run
+    assert load_run_config(ckpt).rope_scaling == scaling
