@@ -13,6 +13,7 @@ Every entry of `_PATCHED_MODULES` names the call sites it covers; one no test ne
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import types
 
@@ -121,6 +122,35 @@ class _TorchOnCpu(types.ModuleType):
         return _cpu_factory(attr) if name in _FACTORIES else attr
 
 
+@contextlib.contextmanager
+def _cuda_type_names():
+    """While active, CPU tensors' `.type()` reports the CUDA name (torch.FloatTensor ->
+    torch.cuda.FloatTensor). megatron-core dispatches on those names in the distributed optimizer
+    and asserts them in gradient clipping; a string test on a Tensor method cannot be redirected
+    per module, so this is scoped to exactly those calls (see apply())."""
+    original = torch.Tensor.type
+
+    def cuda_named_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = cuda_named_type
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
     return torch.get_rng_state()
 
@@ -147,6 +177,16 @@ _PATCHED_MODULES = {
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "save preload sync",
     # the save's reuse check all-reduces a flag created on "cuda".
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "save flag device",
+    # grad buffers on torch.cuda.current_device(); communication streams.
+    "megatron.core.distributed.param_and_grad_buffer": "grad buffer device, streams",
+    # torch.cuda.Stream for grad sync; torch.cuda.synchronize.
+    "megatron.core.distributed.distributed_data_parallel": "DDP streams",
+    # found_inf / loss-scale tensors created on "cuda".
+    "megatron.core.optimizer.optimizer": "optimizer flag tensors",
+    # total-norm all-reduce buffers on "cuda".
+    "megatron.core.optimizer.clip_grads": "grad-norm buffers",
+    # shard buffers on torch.cuda.current_device().
+    "megatron.core.optimizer.distrib_optimizer": "distributed optimizer buffers",
 }
 
 
@@ -163,4 +203,11 @@ def apply() -> None:
     random = importlib.import_module("megatron.core.tensor_parallel.random")
     random._get_cuda_rng_state = _cpu_get_rng_state
     random._set_cuda_rng_state = _cpu_set_rng_state
+    # `.type() == 'torch.cuda.FloatTensor'` dispatch and asserts (see _cuda_type_names).
+    optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
+    optimizer.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(
+        optimizer.clip_grad_by_total_norm_fp32)
+    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    distrib.DistributedOptimizer.__init__ = _with_cuda_type_names(
+        distrib.DistributedOptimizer.__init__)
     _APPLIED = True

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# PoSE context extension of a LLaMA-style model on megatron-core.
+#
+# No arguments, no GPU: trains a tiny LLaMA on the bundled sample corpus on CPU with 2 gloo
+# processes, PoSE from seq 256 to target 2048 with revised YaRN, for a few minutes.
+# On GPU clusters the environment describes the recipe (defaults in brackets are for GPUs):
+#   NNODES [1] NODE_RANK [0] MASTER_ADDR [localhost] MASTER_PORT [6000] GPUS_PER_NODE [all]
+#   TP [1] PP [1] MODEL [llama2-7b] DATA_PATH [sample corpus] TOKENIZER_MODEL
+#   LOAD (a converted or earlier checkpoint) SAVE [checkpoints/pose_<model>]
+#   SEQ_LENGTH [the model's window] TARGET_LENGTH [4 x SEQ_LENGTH] ROPE_TYPE [linear]
+#   ROPE_FACTOR [TARGET_LENGTH / SEQ_LENGTH] TRAIN_ITERS [1000] GLOBAL_BATCH_SIZE [64]
+#   MICRO_BATCH_SIZE [1] LR [2e-5]
+# Extra arguments are passed to `python -m pose_megatron.train` (they win over the above).
+# The script creates no environment: on clusters it runs inside the project's container.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${PYTHON:-python}
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  ON_GPU=1
+else
+  ON_GPU=0
+fi
+
+if [ "$ON_GPU" = 1 ]; then
+  GPUS_PER_NODE=${GPUS_PER_NODE:-$(nvidia-smi -L | wc -l)}
+  MODEL=${MODEL:-llama2-7b}
+  SEQ_LENGTH=${SEQ_LENGTH:-$("$PYTHON" -c "from pose_megatron.config import MODEL_PRESETS as P; print(P['$MODEL'].max_position_embeddings)")}
+  TARGET_LENGTH=${TARGET_LENGTH:-$((4 * SEQ_LENGTH))}
+  ROPE_TYPE=${ROPE_TYPE:-linear}
+  TRAIN_ITERS=${TRAIN_ITERS:-1000}
+  GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-64}
+  MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}
+  LR=${LR:-2e-5}
+  WARMUP=${WARMUP:-10}
+  LOG_INTERVAL=${LOG_INTERVAL:-10}
+  EXTRA=(--bf16 --save-interval "${SAVE_INTERVAL:-200}")
+else
+  # The CPU demo: a small model from scratch, so a higher learning rate.
+  GPUS_PER_NODE=${GPUS_PER_NODE:-2}
+  MODEL=${MODEL:-small}
+  SEQ_LENGTH=${SEQ_LENGTH:-256}
+  TARGET_LENGTH=${TARGET_LENGTH:-2048}
+  ROPE_TYPE=${ROPE_TYPE:-yarn-revised}
+  TRAIN_ITERS=${TRAIN_ITERS:-300}
+  GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-8}
+  MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-2}
+  LR=${LR:-1e-3}
+  WARMUP=${WARMUP:-20}
+  LOG_INTERVAL=${LOG_INTERVAL:-20}
+  EXTRA=(--precision fp32 --eval-interval "${EVAL_INTERVAL:-100}" --eval-iters 4)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one core per process
+fi
+ROPE_FACTOR=${ROPE_FACTOR:-$("$PYTHON" -c "print($TARGET_LENGTH / $SEQ_LENGTH)")}
+SAVE=${SAVE:-$ROOT/checkpoints/pose_${MODEL}}
+
+ARGS=(
+  --model "$MODEL"
+  --tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}"
+  --seq-length "$SEQ_LENGTH" --pose-target-length "$TARGET_LENGTH"
+  --rope-type "$ROPE_TYPE" --rope-factor "$ROPE_FACTOR"
+  --rope-original-max-position-embeddings "$SEQ_LENGTH"
+  --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
+  --train-iters "$TRAIN_ITERS" --lr "$LR" --lr-warmup-iters "$WARMUP" --lr-decay-style linear
+  --log-interval "$LOG_INTERVAL" --save "$SAVE"
+  "${EXTRA[@]}"
+)
+if [ -n "${DATA_PATH:-}" ]; then
+  ARGS+=(--data-path $DATA_PATH --tokenizer-model "${TOKENIZER_MODEL:?DATA_PATH needs TOKENIZER_MODEL}")
+else
+  # The bundled sample corpus (standard-library sources), built once and cached.
+  "$PYTHON" "$ROOT/tools/build_sample_corpus.py" >/dev/null
+fi
+if [ -n "${LOAD:-}" ]; then
+  ARGS+=(--load "$LOAD")
+fi
+
+echo "[pretrain_pose_llama] $MODEL: seq $SEQ_LENGTH -> target $TARGET_LENGTH, $ROPE_TYPE x$ROPE_FACTOR," \
+     "$((${NNODES:-1} * GPUS_PER_NODE)) processes ($([ "$ON_GPU" = 1 ] && echo GPU || echo CPU, gloo))"
+"$PYTHON" -m torch.distributed.run \
+  --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
+  --master-addr "${MASTER_ADDR:-localhost}" --master-port "${MASTER_PORT:-6000}" \
+  --nproc-per-node "$GPUS_PER_NODE" \
+  -m pose_megatron.train "${ARGS[@]}" "$@"
+echo "[pretrain_pose_llama] checkpoint: $SAVE (latest iteration in $SAVE/latest_checkpointed_iteration.txt)"

@@ -1,0 +1,28 @@
+"""`python -m pose_megatron.train ...` (under torchrun for several processes): PoSE training.
+
+Flags follow Megatron-LM's names; `--help` lists them. Contradictory settings stop with one message
+before any process group is created.
+"""
+
+import logging
+import os
+import sys
+
+from pose_megatron.arguments import parse_args
+from pose_megatron.training import run_training
+
+
+def main(argv=None) -> int:
+    first_rank = int(os.environ.get("RANK", "0")) == 0  # one copy of the setup logs, as Megatron
+    logging.basicConfig(level=logging.INFO if first_rank else logging.WARNING, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
+    args = parse_args(argv)
+    saved = run_training(args)
+    if saved and first_rank:
+        print(f"checkpoint: {saved}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
