@@ -4,7 +4,8 @@
 # No arguments, no GPU: trains a tiny LLaMA on the bundled sample corpus on CPU with 2 gloo
 # processes, PoSE from seq 256 to target 2048 with revised YaRN, for a few minutes.
 # On GPU clusters the environment describes the recipe (defaults in brackets are for GPUs):
-#   NNODES [1] NODE_RANK [0] MASTER_ADDR [localhost] MASTER_PORT [6000] GPUS_PER_NODE [all]
+#   NNODES [1] NODE_RANK [0] MASTER_ADDR MASTER_PORT [6000] (unset on one node: --standalone)
+#   GPUS_PER_NODE [all GPUs]
 #   TP [1] PP [1] MODEL [llama2-7b] DATA_PATH [sample corpus] TOKENIZER_MODEL
 #   LOAD (a converted or earlier checkpoint) SAVE [checkpoints/pose_<model>]
 #   SEQ_LENGTH [the model's window] TARGET_LENGTH [4 x SEQ_LENGTH] ROPE_TYPE [linear]
@@ -32,7 +33,7 @@ if [ "$ON_GPU" = 1 ]; then
   GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-64}
   MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}
   LR=${LR:-2e-5}
-  WARMUP=${WARMUP:-10}
+  WARMUP=${WARMUP:-$(( TRAIN_ITERS > 100 ? 10 : TRAIN_ITERS / 10 ))}
   LOG_INTERVAL=${LOG_INTERVAL:-10}
   EXTRA=(--bf16 --save-interval "${SAVE_INTERVAL:-200}")
 else
@@ -46,7 +47,7 @@ else
   GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-8}
   MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-2}
   LR=${LR:-1e-3}
-  WARMUP=${WARMUP:-20}
+  WARMUP=${WARMUP:-$(( TRAIN_ITERS / 10 ))}
   LOG_INTERVAL=${LOG_INTERVAL:-20}
   EXTRA=(--precision fp32 --eval-interval "${EVAL_INTERVAL:-100}" --eval-iters 4)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one core per process
@@ -77,9 +78,12 @@ fi
 
 echo "[pretrain_pose_llama] $MODEL: seq $SEQ_LENGTH -> target $TARGET_LENGTH, $ROPE_TYPE x$ROPE_FACTOR," \
      "$((${NNODES:-1} * GPUS_PER_NODE)) processes ($([ "$ON_GPU" = 1 ] && echo GPU || echo CPU, gloo))"
-"$PYTHON" -m torch.distributed.run \
-  --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
-  --master-addr "${MASTER_ADDR:-localhost}" --master-port "${MASTER_PORT:-6000}" \
-  --nproc-per-node "$GPUS_PER_NODE" \
+if [ "${NNODES:-1}" = 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+  RENDEZVOUS=(--standalone)  # one node: torchrun picks a free local port
+else
+  RENDEZVOUS=(--nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}"
+              --master-addr "${MASTER_ADDR:-localhost}" --master-port "${MASTER_PORT:-6000}")
+fi
+"$PYTHON" -m torch.distributed.run "${RENDEZVOUS[@]}" --nproc-per-node "$GPUS_PER_NODE" \
   -m pose_megatron.train "${ARGS[@]}" "$@"
 echo "[pretrain_pose_llama] checkpoint: $SAVE (latest iteration in $SAVE/latest_checkpointed_iteration.txt)"

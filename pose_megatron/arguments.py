@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for flag, group, name, kwargs in FLAGS:
+        if kwargs.get("nargs") != "*" and "choices" not in kwargs:
+            kwargs = dict(kwargs, metavar=name.upper())
         parser.add_argument(flag, dest=f"{group}.{name}", **kwargs)
     for f in dataclasses.fields(TrainingConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -183,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
             kind = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "")
                                                      .rstrip("]"), str)
             default = f.default if f.default is not dataclasses.MISSING else None
-            parser.add_argument(flag, dest=dest, type=kind, default=default)
+            parser.add_argument(flag, dest=dest, type=kind, default=default,
+                                metavar=f.name.upper())
     parser.add_argument("--bf16", dest="train.precision", action="store_const", const="bf16")
     parser.add_argument("--fp16", dest="train.precision", action="store_const", const="fp16")
     return parser

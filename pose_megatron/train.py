@@ -7,9 +7,17 @@ before any process group is created.
 import logging
 import os
 import sys
+import warnings
 
-from pose_megatron.arguments import parse_args
-from pose_megatron.training import run_training
+import torch
+
+if not torch.cuda.is_available():
+    # Without CUDA, megatron-core's fallbacks to torch norms and optimizers are the expected path;
+    # its import-time warnings about missing apex / Transformer Engine would only be noise.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
+
+from pose_megatron.arguments import parse_args  # noqa: E402
+from pose_megatron.training import run_training  # noqa: E402
 
 
 def main(argv=None) -> int:
