@@ -269,13 +269,13 @@ def validate(args: RunArgs, world_size: int) -> None:
     pp = args.parallel.pipeline_model_parallel_size
     if tp < 1 or pp < 1:
         raise ValueError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    model, _ = resolve_model_config(args)
+    model.check_parallel(tp, pp)
     if world_size % (tp * pp):
         raise ValueError(
             f"{world_size} processes cannot be split into TP={tp} x PP={pp}; use a process count "
             "that is a multiple of TP x PP"
         )
-    model, _ = resolve_model_config(args)
-    model.check_parallel(tp, pp)
     dp = world_size // (tp * pp)
     t = args.training
     global_batch = t.global_batch_size or t.micro_batch_size * dp
