@@ -267,11 +267,8 @@ def run_training(args: RunArgs) -> Optional[str]:
     build = partial(build_pose_datasets, prefixes, weights, data.split, sizes, training.seed,
                     tokenizer, pose, min_doc_length=args.pose.get("min_doc_length"),
                     path_to_cache=data.data_cache_path)
-    if rank == 0:  # index caches first on one rank, then everyone reads them
-        train_ds, valid_ds, _ = build()
-    dist.barrier()
-    if rank != 0:
-        train_ds, valid_ds, _ = build()
+    # megatron-core's builder builds the index caches on rank 0 first, then the others read them.
+    train_ds, valid_ds, _ = build()
     dp_rank = parallel_state.get_data_parallel_rank()
     train_iter = build_data_iterator(train_ds, progress.consumed_train_samples,
                                      training.micro_batch_size, dp_rank, dp, data.num_workers)

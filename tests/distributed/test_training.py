@@ -63,6 +63,18 @@ def test_parallel_layouts_reproduce_single_process_losses(tmp_path, initial_weig
         assert b[it]["grad_norm"] == pytest.approx(a[it]["grad_norm"], rel=1e-4), it
 
 
+def test_optimizer_state_at_another_layout_is_refused_clearly(initial_weights):
+    proc = train(BASE + ["--train-iters", "3", "--load", initial_weights,
+                         "--tensor-model-parallel-size", "2"], nproc=2, check=False)
+    assert proc.returncode != 0
+    assert "Optimizer state reloads only at the layout it was saved with" in proc.stderr
+    assert "--no-load-optim" in proc.stderr and "--finetune" in proc.stderr
+    # With --no-load-optim the weights reshard to TP=2 and training goes on from iteration 1.
+    ok = train(BASE + ["--train-iters", "3", "--load", initial_weights, "--no-load-optim",
+                       "--tensor-model-parallel-size", "2"], nproc=2)
+    assert "iteration        2/3" in ok.stdout and "iteration        1/3" not in ok.stdout
+
+
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     metrics = tmp_path / "m.jsonl"
     cmd = [sys.executable, "-m", "pose_megatron.train"] + BASE + [

@@ -52,3 +52,31 @@ def test_weights_and_config_round_trip(megatron_env, tmp_path):
             assert torch.equal(a, b), name
     assert loaded == run
     assert load_run_config(ckpt).rope_scaling == scaling
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_latest(megatron_env, tmp_path,
+                                                                    monkeypatch):
+    from pose_megatron.checkpoint import megatron_io
+
+    scaling = ROPE_CASES["linear"]
+    model = pose_llama(TINY, scaling)
+    run = RunConfig(model=TINY, rope_scaling=scaling)
+    save_model_weights(tmp_path, 1, model, run)
+    real_save = megatron_io.dist_checkpointing.save
+
+    def dies_halfway(state, directory):
+        (tmp_path / ".iter_0000002.incomplete" / "__0_0.distcp").write_bytes(b"partial")
+        raise KeyboardInterrupt  # what a kill looks like to the code after it
+
+    monkeypatch.setattr(megatron_io.dist_checkpointing, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_model_weights(tmp_path, 2, model, run)
+    assert read_tracker(tmp_path) == 1
+    assert not (tmp_path / "iter_0000002").exists()
+    assert resolve_checkpoint_dir(tmp_path).name == "iter_0000001"
+    assert load_model_weights(tmp_path, pose_llama(TINY, scaling)) == run
+
+    monkeypatch.setattr(megatron_io.dist_checkpointing, "save", real_save)
+    save_model_weights(tmp_path, 2, model, run)  # the next save clears the leftover
+    assert read_tracker(tmp_path) == 2
+    assert not (tmp_path / ".iter_0000002.incomplete").exists()
