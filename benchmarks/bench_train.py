@@ -1,0 +1,114 @@
+"""The paper's efficiency claim, measured here: PoSE trains at the short window whatever the target.
+
+One tiny LLaMA (the `small` preset), one sample per step, the real trainer pieces (PoseGPTDataset on
+the bundled corpus, DDP, optimizer, pipeline schedule). Three runs, each in a fresh process (so peak
+memory is its own), alternated over rounds so machine noise hits all alike:
+  pose:  seq 512, PoSE positions up to target 4096 (revised YaRN x8)
+  plain: seq 512, positions 0..511 (same RoPE)
+  full:  seq 4096, positions 0..4095 (full-length fine-tuning)
+Prints PoSE/plain step time (goal <= 1.05), and PoSE/full step time and peak memory. Step time is
+the process's CPU time per step on one thread, which other load on a shared machine inflates little.
+
+    python benchmarks/bench_train.py [--steps 6] [--rounds 2]
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+RUNS = {
+    "pose": dict(seq=512, target=4096, content="skip"),
+    "plain": dict(seq=512, target=512, content="contiguous"),
+    "full": dict(seq=4096, target=4096, content="contiguous"),
+}
+
+
+def measure(name: str, steps: int) -> dict:
+    from pose_megatron import runtime
+    from pose_megatron.arguments import TrainingConfig
+    from pose_megatron.config import get_preset
+    from pose_megatron.corpus import ensure_sample_corpus
+    from pose_megatron.data import build_pose_datasets
+    from pose_megatron.loader import build_data_iterator
+    from pose_megatron.positions import PoseSampling
+    from pose_megatron.progress import peak_memory_bytes
+    from pose_megatron.rope import RopeScaling
+    from pose_megatron.tokenizer import build_tokenizer
+    from pose_megatron.training import setup_model_and_optimizer, train_step
+
+    import torch
+
+    torch.set_num_threads(1)  # one thread: CPU time then counts work, not contended spin-waits
+    run = RUNS[name]
+    corpus = ensure_sample_corpus()
+    runtime.initialize_distributed()
+    runtime.initialize_model_parallel(1, 1)
+    runtime.set_seed(0)
+    tokenizer = build_tokenizer(corpus.tokenizer_type, corpus.tokenizer_model)
+    model_cfg = get_preset("small", vocab_size=tokenizer.vocab_size)
+    rope = RopeScaling("yarn-revised", factor=8.0, original_max_position_embeddings=512)
+    training = TrainingConfig(train_iters=steps + 2, lr=1e-4, lr_warmup_iters=1, precision="fp32")
+    model, optimizer, scheduler = setup_model_and_optimizer(model_cfg, rope, training, run["seq"], 1, 1)
+    pose = PoseSampling(run["seq"], run["target"], content=run["content"])
+    train_ds, _, _ = build_pose_datasets([corpus.train_prefix], None, "100,0,0", [steps + 2, 0, 0],
+                                         0, tokenizer, pose)
+    batches = build_data_iterator(train_ds, 0, 1, 0, 1)
+    times = []
+    for i in range(steps + 2):  # two warm-up steps
+        if i == 2:
+            with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (Linux)
+                f.write("5")
+            base = _rss()
+        # CPU time of the process (all its threads): robust to other load on a shared machine.
+        start = time.process_time()
+        train_step(model, optimizer, scheduler, batches, 1, run["seq"], 1)
+        if i >= 2:
+            times.append(time.process_time() - start)
+    peak = peak_memory_bytes() - base
+    runtime.destroy()
+    return {"step_time": statistics.median(times), "peak_growth": peak, "peak": peak_memory_bytes()}
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--run", choices=sorted(RUNS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        print(json.dumps(measure(args.run, args.steps)))
+        return
+    results = {name: [] for name in RUNS}
+    for _ in range(args.rounds):
+        for name in RUNS:
+            out = subprocess.run([sys.executable, __file__, "--run", name, "--steps", str(args.steps)],
+                                 capture_output=True, text=True, check=True)
+            results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    step = {n: statistics.median(r["step_time"] for r in rs) for n, rs in results.items()}
+    peak = {n: statistics.median(r["peak"] for r in rs) for n, rs in results.items()}
+    growth = {n: statistics.median(r["peak_growth"] for r in rs) for n, rs in results.items()}
+    print(f"step CPU time (median over {args.rounds} rounds x {args.steps} steps, one sample per step):")
+    for name, run in RUNS.items():
+        print(f"  {name:5s} seq {run['seq']:5d} target {run['target']:5d}: {step[name] * 1e3:8.1f} ms"
+              f"   peak RSS {peak[name] / 2**20:8.1f} MiB")
+    print(f"  ratio PoSE / plain 512 step time = {step['pose'] / step['plain']:.3f}   (goal <= 1.05)")
+    print(f"  ratio PoSE / full-length 4096 step time = {step['pose'] / step['full']:.3f}")
+    print(f"  ratio PoSE / full-length 4096 peak memory = {peak['pose'] / peak['full']:.3f} "
+          "(whole-process peak RSS, weights and optimizer included)")
+    print(f"  ratio PoSE / full-length 4096 step memory = {growth['pose'] / growth['full']:.3f} "
+          "(peak RSS growth during the measured steps: activations and temporaries)")
+
+
+if __name__ == "__main__":
+    main()
