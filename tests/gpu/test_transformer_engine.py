@@ -9,7 +9,12 @@ import torch
 
 from tiny_models import ROPE_CASES, TINY, pose_positions
 
-pytestmark = pytest.mark.gpu
+from pose_megatron.model import transformer_engine_usable
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not transformer_engine_usable(), reason="needs Transformer Engine on a GPU"),
+]
 
 
 @pytest.mark.parametrize("micro_batch, fused", [(1, True), (3, False)])
@@ -17,10 +22,8 @@ def test_te_spec_matches_local_spec(megatron_env, tmp_path, micro_batch, fused):
     from megatron.core import dist_checkpointing
 
     from pose_megatron.config import build_transformer_config
-    from pose_megatron.model import build_model, transformer_engine_usable
+    from pose_megatron.model import build_model
 
-    if not transformer_engine_usable():
-        pytest.skip("Transformer Engine is not installed")
     scaling = ROPE_CASES["yarn-revised"]
     local = build_model(TINY, build_transformer_config(TINY), scaling, use_transformer_engine=False)
     dist_checkpointing.save(local.sharded_state_dict(), str(tmp_path))
