@@ -8,13 +8,21 @@ from pose_megatron.arguments import data_blend, parse_args, rope_settings
 OK = ["--model", "tiny", "--seq-length", "64", "--pose-target-length", "512"]
 
 
+@pytest.fixture(autouse=True)
+def no_process_group(monkeypatch):
+    """Parsing and validation must never start torch.distributed."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a process group was created during argument validation")
+
+    monkeypatch.setattr(dist, "init_process_group", refuse)
+
+
 def _error(argv, capsys, world_size=None, monkeypatch=None):
     if world_size is not None:
         monkeypatch.setenv("WORLD_SIZE", str(world_size))
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)
     assert exc.value.code == 2
-    assert not dist.is_initialized()
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
