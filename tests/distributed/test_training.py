@@ -36,6 +36,13 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
     assert read_tracker(tmp_path / "ck") == 6
 
 
+def test_activation_recompute_changes_nothing_but_memory(tmp_path):
+    plain, recompute = tmp_path / "plain.jsonl", tmp_path / "recompute.jsonl"
+    train(BASE + ["--train-iters", "2", "--metrics-file", plain])
+    train(BASE + ["--train-iters", "2", "--recompute-activations", "--metrics-file", recompute])
+    assert read_metrics(plain) == read_metrics(recompute)
+
+
 @pytest.fixture(scope="module")
 def initial_weights(tmp_path_factory):
     """Weights every layout starts from (layouts draw different random inits otherwise)."""
