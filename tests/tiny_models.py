@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pose_megatron.checkpoint.families import hf_to_megatron_state_dict
 from pose_megatron.checkpoint.hf_config import rope_to_hf_parameters
 from pose_megatron.config import ModelConfig, build_transformer_config
 from pose_megatron.model import build_model
@@ -48,42 +49,11 @@ def hf_llama(cfg: ModelConfig, scaling: RopeScaling, seed: int = 0):
     return model
 
 
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """HF q/k/v projections -> megatron's fused QKV: per query group, its q heads then k then v."""
-    d, groups = cfg.head_dim, cfg.num_query_groups
-    per_group = cfg.num_attention_heads // groups
-    q = q.view(groups, per_group * d, -1)
-    k = k.view(groups, d, -1)
-    v = v.view(groups, d, -1)
-    return torch.cat([q, k, v], dim=1).reshape(-1, q.size(-1))
-
-
 def copy_hf_into_pose(hf_model, pose_model, cfg: ModelConfig) -> None:
-    """Load a HF LLaMA's weights into a PoseGPTModel at TP=PP=1 (local layer spec)."""
-    hf = hf_model.state_dict()
+    """Load a HF LLaMA's weights into a PoseGPTModel at TP=PP=1 (local layer spec), through the
+    converters' own weight mapping (pose_megatron.checkpoint.families)."""
     vocab_pad = pose_model.embedding.word_embeddings.weight.shape[0]
-
-    def padded(w):
-        return torch.cat([w, w.new_zeros(vocab_pad - w.shape[0], w.shape[1])])
-
-    ours = {
-        "embedding.word_embeddings.weight": padded(hf["model.embed_tokens.weight"]),
-        "decoder.final_layernorm.weight": hf["model.norm.weight"],
-        "output_layer.weight": padded(hf["lm_head.weight"]),
-    }
-    for i in range(cfg.num_layers):
-        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        ours[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"]
-        ours[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"]
-        ours[dst + "self_attention.linear_qkv.weight"] = fuse_qkv(
-            hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
-            hf[src + "self_attn.v_proj.weight"], cfg,
-        )
-        ours[dst + "self_attention.linear_proj.weight"] = hf[src + "self_attn.o_proj.weight"]
-        ours[dst + "mlp.linear_fc1.weight"] = torch.cat(
-            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]]
-        )
-        ours[dst + "mlp.linear_fc2.weight"] = hf[src + "mlp.down_proj.weight"]
+    ours = hf_to_megatron_state_dict("llama", cfg, hf_model.state_dict(), vocab_pad)
     missing, unexpected = pose_model.load_state_dict(ours, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     assert not missing and not unexpected, (missing, unexpected)
