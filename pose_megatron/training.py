@@ -238,9 +238,13 @@ def run_training(args: RunArgs) -> Optional[str]:
     model_cfg, stored = resolve_model_config(args)
     if stored is None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-    elif tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's "
-                         f"model only {model_cfg.vocab_size}: use the checkpoint's tokenizer")
+    else:
+        if tokenizer.vocab_size > model_cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's "
+                             f"model only {model_cfg.vocab_size}: use the checkpoint's tokenizer")
+        from pose_megatron.checkpoint.convert import check_vocab_padding
+
+        check_vocab_padding(stored, tp, checkpoint=training.load)
     rope = RopeScaling(**rope_settings(args))
     resuming = stored is not None and stored.seq_length is not None and not training.finetune
     if resuming and stored.rope_scaling != rope:
@@ -273,10 +277,13 @@ def run_training(args: RunArgs) -> Optional[str]:
     train_iter = build_data_iterator(train_ds, progress.consumed_train_samples,
                                      training.micro_batch_size, dp_rank, dp, data.num_workers)
 
-    run_config = RunConfig(model=model_cfg, rope_scaling=rope, family=(stored.family if stored else
-                           ("baichuan" if model_cfg.norm_head else "llama")),
-                           seq_length=pose.seq_length, target_length=pose.target_length,
-                           extra={"tokenizer_model": os.path.abspath(data.tokenizer_model)})
+    # Provenance carries forward (the importer's hf_config lets the exporter rebuild config.json).
+    extra = dict(stored.extra) if stored else {}
+    extra.update(tokenizer_model=os.path.abspath(data.tokenizer_model),
+                 padded_vocab_size=model_cfg.padded_vocab_size(tp))
+    family = stored.family if stored else ("baichuan" if model_cfg.norm_head else "llama")
+    run_config = RunConfig(model=model_cfg, rope_scaling=rope, family=family,
+                           seq_length=pose.seq_length, target_length=pose.target_length, extra=extra)
     num_params = sum(p.numel() for p in model.parameters())
     num_params_all = torch.tensor([num_params], device=runtime.get_device())
     dist.all_reduce(num_params_all, group=parallel_state.get_model_parallel_group())

@@ -38,8 +38,8 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
 
 def test_activation_recompute_changes_nothing_but_memory(tmp_path):
     plain, recompute = tmp_path / "plain.jsonl", tmp_path / "recompute.jsonl"
-    train(BASE + ["--train-iters", "2", "--metrics-file", plain])
-    train(BASE + ["--train-iters", "2", "--recompute-activations", "--metrics-file", recompute])
+    train(BASE + ["--train-iters", "3", "--metrics-file", plain])
+    train(BASE + ["--train-iters", "3", "--recompute-activations", "--metrics-file", recompute])
     assert read_metrics(plain) == read_metrics(recompute)
 
 
