@@ -18,6 +18,7 @@ setup(
         "safetensors",
         "psutil",  # dist_checkpointing's async save
         "tqdm",
+        "matplotlib",  # evaluation plots (perplexity curves, passkey heatmaps)
         "packaging",
     ],
     extras_require={

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from pose_megatron.runtime import transformer_engine_usable
+
 
 @dataclass
 class ModelConfig:
@@ -151,9 +153,12 @@ def build_transformer_config(
         apply_rope_fusion=apply_rope_fusion,
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        # megatron's fused softmax kernels come with Transformer Engine / apex; the local spec's
+        # SDPA attention does not use them. persist_layer_norm is apex's LayerNorm (not RMSNorm):
+        # with it on, megatron's torch norm fallback refuses to build on a GPU without apex.
+        masked_softmax_fusion=on_gpu and transformer_engine_usable(),
         gradient_accumulation_fusion=False,
-        persist_layer_norm=on_gpu,
+        persist_layer_norm=False,
         recompute_granularity="full" if recompute_activations else None,
         recompute_method="uniform" if recompute_activations else None,
         recompute_num_layers=1 if recompute_activations else None,

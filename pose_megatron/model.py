@@ -25,17 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from pose_megatron.config import ModelConfig
 from pose_megatron.rope import PoseRotaryEmbedding, RopeScaling
-
-
-def transformer_engine_usable() -> bool:
-    """True when Transformer Engine imports and a GPU is present (TE needs CUDA at import)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from pose_megatron.runtime import transformer_engine_usable
 
 
 class PoseSDPAttention(MegatronModule):

@@ -22,6 +22,17 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def transformer_engine_usable() -> bool:
+    """True when Transformer Engine imports and a GPU is present (TE needs CUDA at import)."""
+    if not cuda_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def get_device() -> torch.device:
     """The device this rank computes on: its local GPU, or the CPU."""
     if cuda_available():

@@ -37,7 +37,8 @@ from pose_megatron.checkpoint.training_state import (
 )
 from pose_megatron.config import ModelConfig, build_transformer_config
 from pose_megatron.loader import build_data_iterator
-from pose_megatron.model import build_model, transformer_engine_usable
+from pose_megatron.model import build_model
+from pose_megatron.runtime import transformer_engine_usable
 from pose_megatron.progress import ProgressReporter, model_flops_per_token
 from pose_megatron.rope import RopeScaling
 

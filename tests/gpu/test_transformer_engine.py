@@ -9,7 +9,7 @@ import torch
 
 from tiny_models import ROPE_CASES, TINY, pose_positions
 
-from pose_megatron.model import transformer_engine_usable
+from pose_megatron.runtime import transformer_engine_usable
 
 pytestmark = [
     pytest.mark.gpu,
