@@ -1,0 +1,175 @@
+"""What the evaluations need from a model: score a window's tokens, and greedy-generate.
+
+Two implementations share this interface: `MegatronBackend` (a pose_megatron checkpoint at any
+TP / PP / DP, megatron_backend.py) and `HFBackend` (a Hugging Face directory through transformers,
+hf_backend.py). The perplexity and passkey drivers only see `EvalBackend`.
+
+Distributed contract. Windows and trials are split over data-parallel replicas (`dp_rank` of
+`dp_size`); every rank of one replica makes the same calls in the same order (the model-parallel
+collectives inside need that). Scores exist on a replica's "result rank" only (the last pipeline
+stage, tensor rank 0) and are None elsewhere; `all_reduce_sum` and `gather_results` combine what
+the result ranks hold, over all replicas, and every rank gets the total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` is bf16 on a GPU and fp32 on CPU; otherwise one of DTYPES."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose auto or one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class ScoreRequest:
+    """One window to score: the model reads `input_ids` at positions 0..n-1; position i predicts
+    targets[i]; only targets[first_target:] are scored."""
+
+    input_ids: np.ndarray
+    """[n] token ids (BOS first)."""
+    targets: np.ndarray
+    """[n] the next token at each position."""
+    first_target: int = 0
+    """Targets before this index are context only."""
+
+    def __post_init__(self):
+        if len(self.input_ids) != len(self.targets) or len(self.input_ids) < 1:
+            raise ValueError(
+                f"a window needs as many targets as inputs (>= 1), got {len(self.input_ids)} "
+                f"inputs and {len(self.targets)} targets"
+            )
+        if not 0 <= self.first_target < len(self.targets):
+            raise ValueError(f"first_target {self.first_target} outside 0..{len(self.targets) - 1}")
+
+
+class EvalBackend:
+    """A model under evaluation. Subclasses implement `_score` and `_next_token`."""
+
+    kind = ""
+
+    def __init__(self, label: str, source: str):
+        self.label = label
+        """Name in tables, plots and JSON."""
+        self.source = source
+        """The checkpoint path."""
+        self.max_positions: Optional[int] = None
+        """Positions the model was trained or extended to; longer inputs extrapolate."""
+        self.vocab_size: int = 0
+        """Real vocabulary (padding rows of a Megatron output layer excluded)."""
+        self.dp_rank, self.dp_size = 0, 1
+        self.is_result_rank = True
+        """This rank holds scores and generated tokens of its replica's requests."""
+        self.is_main = True
+        """This rank prints, writes files and shows the progress bar (global rank 0)."""
+        self.group_size = 1
+        """Windows worth scoring in one call (the pipeline schedule's micro-batches)."""
+        self.device = torch.device("cpu")
+
+    # ---- subclass surface ------------------------------------------------------------------
+    def _score(self, requests: Sequence[ScoreRequest]) -> List[Optional[torch.Tensor]]:
+        raise NotImplementedError
+
+    def _next_token(self, ids: List[int]) -> int:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "source": self.source, "max_positions": self.max_positions}
+
+    def close(self) -> None:
+        """Free the model (the next checkpoint may need the memory)."""
+
+    # ---- public API ------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, requests: Sequence[ScoreRequest]) -> List[Optional[torch.Tensor]]:
+        """Per-token negative log-likelihood (float64, CPU) of each request's scored targets.
+
+        None on ranks that are not result ranks. Requests of one call must have the same length.
+        """
+        if len({len(r.input_ids) for r in requests}) > 1:
+            raise ValueError("requests of one score() call must have the same length")
+        return self._score(requests)
+
+    @torch.no_grad()
+    def greedy_generate(
+        self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> List[int]:
+        """Greedy continuation of `prompt` (positions 0..n-1), at most `max_new_tokens` tokens,
+        ending early after a token of `stop_ids`. Every rank of the replica returns the tokens."""
+        ids = [int(t) for t in prompt]
+        generated: List[int] = []
+        for _ in range(max_new_tokens):
+            token = self._next_token(ids)
+            generated.append(token)
+            ids.append(token)
+            if token in stop_ids:
+                break
+        return generated
+
+    def all_reduce_sum(self, values: Sequence[float]) -> List[float]:
+        """Sum of `values` over the result ranks of all replicas (non-result ranks add nothing)."""
+        local = [float(v) if self.is_result_rank else 0.0 for v in values]
+        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return local
+        tensor = torch.tensor(local, dtype=torch.float64, device=self._comm_device())
+        torch.distributed.all_reduce(tensor)
+        return tensor.cpu().tolist()
+
+    def gather_results(self, items: List[Any]) -> List[Any]:
+        """The concatenated lists of all replicas' result ranks (in rank order)."""
+        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return list(items)
+        gathered: List[Optional[List[Any]]] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, items if self.is_result_rank else [])
+        return [item for part in gathered for item in (part or [])]
+
+    def _comm_device(self) -> torch.device:
+        backend = torch.distributed.get_backend()
+        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def chunk_rows(total: int, row_elements: int, budget_elements: int) -> int:
+    """Rows per chunk so that one chunk of [rows, row_elements] stays within budget_elements."""
+    return max(1, min(total, budget_elements // max(1, row_elements)))
+
+
+LOGIT_BUDGET_ELEMENTS = 1 << 26
+"""fp32 logits materialised at once when scoring (256 MiB): the [s, vocab] logits of a long window
+are computed in sequence chunks of this size, never as a whole."""
+
+
+def open_backend(kind: str, path: str, label: Optional[str] = None, **options) -> EvalBackend:
+    """A backend for a Megatron checkpoint (`kind` "megatron": --load) or a Hugging Face
+    directory ("hf": --hf-dir). `options`: tensor/pipeline_model_parallel_size and dtype."""
+    label = label or default_label(path)
+    if kind == "megatron":
+        from pose_megatron.evaluation.megatron_backend import MegatronBackend
+
+        return MegatronBackend(path, label=label, **options)
+    if kind == "hf":
+        from pose_megatron.evaluation.hf_backend import HFBackend
+
+        options.pop("tensor_model_parallel_size", None)
+        options.pop("pipeline_model_parallel_size", None)
+        return HFBackend(path, label=label, **options)
+    raise ValueError(f"unknown backend kind {kind!r}; use 'megatron' or 'hf'")
+
+
+def default_label(path: str) -> str:
+    """A readable label for a checkpoint path: its last directory name(s)."""
+    parts = [p for p in str(path).rstrip("/").split("/") if p]
+    if not parts:
+        return str(path)
+    if parts[-1].startswith("iter_") or parts[-1] == "release":
+        return "/".join(parts[-2:])
+    return parts[-1]
