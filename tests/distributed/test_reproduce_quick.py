@@ -1,0 +1,96 @@
+"""The small reproduction (pose_megatron.reproduction): its quick mode runs every stage end to end
+(2 gloo processes per tool) and writes well-formed outputs. Nothing is asserted about the numbers."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pose_megatron import reproduction
+from pose_megatron.reproduction import ALL_METHODS, FULL, QUICK, method_flags
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _flag(flags, name):
+    return int(flags[flags.index(name) + 1])
+
+
+@pytest.mark.parametrize("settings", [FULL, QUICK], ids=["full", "quick"])
+def test_every_method_trains_on_the_same_tokens_per_step(settings):
+    for method in ALL_METHODS:
+        flags = method_flags(method, settings)
+        tokens = _flag(flags, "--seq-length") * _flag(flags, "--global-batch-size")
+        assert tokens == settings.tokens_per_step, method
+        assert _flag(flags, "--global-batch-size") % (settings.nproc * _flag(flags, "--micro-batch-size")) == 0
+        positions = _flag(flags, "--pose-target-length")
+        assert positions == (settings.seq_length if method == "pi-only" else settings.target_length)
+
+
+def test_method_flags_match_the_paper_baselines():
+    f = method_flags("randpos", FULL)
+    assert _flag(f, "--pose-num-chunks") == FULL.seq_length
+    f = method_flags("pi-only", FULL)
+    assert f[f.index("--rope-type") + 1] == "linear" and f[f.index("--rope-factor") + 1] == "8"
+    f = method_flags("pose-yarn-revised", FULL)
+    assert _flag(f, "--rope-original-max-position-embeddings") == FULL.seq_length
+    with pytest.raises(ValueError):
+        method_flags("no-such-method", FULL)
+
+
+def test_training_log_parser_reads_the_trainers_lines(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(
+        "iteration        1/10 | lm loss 9.0 | lr 1e-3 | grad norm 6.2 | 2040 ms/it | 2,008 tokens/s | "
+        "7.8 samples/s | 0.044 TFLOP/s/device | peak mem 0.79 GiB | ETA 0:00:18\n"
+        "validation at iteration 5 | lm loss 4.000000 | ppl 54.598\n"
+        "iteration        5/10 | lm loss 8.0 | lr 6e-4 | grad norm 2.3 | 1814 ms/it | 2,258 tokens/s | "
+        "8.8 samples/s | 0.050 TFLOP/s/device | peak mem 0.88 GiB | ETA 0:00:09\n")
+    parsed = reproduction.parse_training_log(log)
+    assert parsed["tokens_per_s"] == 2258 and parsed["ms_per_it"] == 1814
+    assert parsed["peak_mem_gib"] == 0.88 and parsed["final_loss"] == 8.0
+    assert parsed["validation"] == [{"iteration": 5, "loss": 4.0, "ppl": 54.598}]
+
+
+def test_quick_mode_runs_every_stage_and_writes_its_outputs(tmp_path):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pose_megatron.reproduction", "--quick", "--out", str(out),
+                    "--docs-dir", str(docs)], cwd=REPO, check=True, timeout=600)
+    elapsed = time.perf_counter() - started
+    labels = ["base"] + QUICK.methods
+
+    for label in labels:
+        assert (out / "checkpoints" / label / "latest_checkpointed_iteration.txt").exists(), label
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["models"]) == labels
+    for label, model in summary["models"].items():
+        assert sorted(map(int, model["perplexity"])) == QUICK.ppl_lengths
+        assert all(v > 0 for v in model["perplexity"].values())
+        assert sorted(map(int, model["passkey"])) == QUICK.passkey_lengths
+        assert all(0.0 <= v <= 1.0 for v in model["passkey"].values())
+        for far in ("far_corpus", "far_synthetic"):
+            assert model[far]["full"] > 0 and model[far]["short"] > 0 and model[far]["tokens"] > 0
+        if label != "base":
+            cost = model["cost"]
+            assert cost["wall_seconds"] > 0 and cost["tokens_per_s"] > 0 and cost["peak_mem_gib"] > 0
+            assert cost["tokens_per_step"] == QUICK.tokens_per_step
+    for name in ("perplexity", "passkey", "far_tokens"):
+        payload = json.loads((out / "eval" / f"{name}.json").read_text())
+        assert set(labels) <= set(payload["checkpoints"])
+    report = (out / "report.md").read_text()
+    assert all(reproduction.LABELS[label] in report for label in labels)
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("results_summary.json", "results_tables.md", "results.png"):
+        assert (docs / name).stat().st_size > 0
+
+    # A second invocation finds every stage cached and only redoes the report.
+    again = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pose_megatron.reproduction", "--quick", "--out", str(out)],
+                   cwd=REPO, check=True, timeout=120)
+    assert time.perf_counter() - again < 30
+    print(f"quick reproduction: {elapsed:.0f} s")

@@ -1,0 +1,150 @@
+"""Synthetic retrieval documents (pose_megatron.synthetic) and the far-token windows
+(pose_megatron.far_tokens) used by the small reproduction."""
+
+import math
+
+import numpy as np
+import pytest
+
+from pose_megatron import synthetic
+from pose_megatron.evaluation import passkey
+from pose_megatron.evaluation.backends import EvalBackend
+from pose_megatron.far_tokens import evaluate_far_tokens, full_window, short_windows
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from pose_megatron.corpus import ensure_sample_corpus
+    from pose_megatron.tokenizer import build_tokenizer
+
+    corpus = ensure_sample_corpus()
+    return build_tokenizer(corpus.tokenizer_type, corpus.tokenizer_model)
+
+
+def _lines(doc):
+    return doc.text.split("\n")
+
+
+def test_document_uses_the_evaluation_prompt_strings():
+    spec = synthetic.RetrievalDocSpec(num_tokens=600, max_key_offset=50, max_gap=200)
+    doc = synthetic.make_retrieval_doc(np.random.default_rng(0), spec)
+    lines = _lines(doc)
+    assert lines[0] == passkey.TASK
+    assert lines[2] == passkey.key_line(doc.key)
+    questions = lines[4::2]
+    assert questions and all(q == f"{passkey.QUESTION} {doc.key}." for q in questions)
+    fillers = [lines[1]] + lines[3::2]
+    assert all(f == passkey.filler(len(f.split())) for f in fillers if f)
+    assert len(questions) == len(doc.gap_words)
+    assert passkey.KEY_RANGE[0] <= doc.key <= passkey.KEY_RANGE[1]
+    # The evaluation's own answer parser reads the answer after the question as the key.
+    answer = doc.text.split(passkey.QUESTION, 1)[1]
+    assert passkey.first_integer(answer) == doc.key
+
+
+def test_documents_depend_only_on_seed_and_index():
+    spec = synthetic.pretraining_spec(256, 1.84)
+    a = [d.text for d in synthetic.iter_retrieval_docs(spec, 5, seed=3)]
+    b = [d.text for d in synthetic.iter_retrieval_docs(spec, 8, seed=3)][:5]
+    c = [d.text for d in synthetic.iter_retrieval_docs(spec, 5, seed=4)]
+    assert a == b
+    assert a != c
+    assert len(set(a)) == 5
+
+
+def test_token_budget_and_key_question_distances(tokenizer):
+    tpw = synthetic.filler_tokens_per_word(tokenizer)
+    assert 1.0 < tpw < 4.0
+    for window, spec in ((256, synthetic.pretraining_spec(256, tpw)),
+                         (2048, synthetic.extension_spec(2048, tpw))):
+        docs = list(synthetic.iter_retrieval_docs(spec, 30, seed=0))
+        distances = []
+        for doc in docs:
+            ids = tokenizer.tokenize(doc.text)
+            # Planned in tokens through the filler density: the realised length is close.
+            assert abs(len(ids) - spec.num_tokens) <= 0.1 * spec.num_tokens + 60
+            d = synthetic.key_question_distances(ids, doc.key, tokenizer)
+            assert len(d) == len(doc.gap_words) and d == sorted(d) and d[0] > 0
+            distances.append(d[0])
+        # First questions spread from short distances to most of the window.
+        assert min(distances) < window // 4
+        assert max(distances) > window // 2
+        assert max(distances) <= window + 64
+
+
+def test_extension_documents_keep_the_key_near_the_start(tokenizer):
+    spec = synthetic.extension_spec(2048, synthetic.filler_tokens_per_word(tokenizer))
+    for doc in synthetic.iter_retrieval_docs(spec, 20, seed=1):
+        ids = tokenizer.tokenize(doc.text)
+        key_ids = tokenizer.tokenize(passkey.key_line(doc.key))
+        start = next(i for i in range(len(ids)) if ids[i:i + len(key_ids)] == key_ids)
+        assert start <= 41 + 2048 // 16 + 16  # task line + max offset + slack
+
+
+def test_write_jsonl_round_trips(tmp_path):
+    import json
+
+    spec = synthetic.pretraining_spec(256, 1.84)
+    path = tmp_path / "s.jsonl"
+    assert synthetic.write_retrieval_jsonl(str(path), spec, 7, seed=2) == 7
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["text"] for r in records] == [d.text for d in synthetic.iter_retrieval_docs(spec, 7, 2)]
+    assert all(f"The pass key is {r['key']}." in r["text"] for r in records)
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_tokens=10, max_key_offset=0),
+                                    dict(num_tokens=500, max_key_offset=0, min_gap=0),
+                                    dict(num_tokens=500, max_key_offset=0, min_gap=50, max_gap=10),
+                                    dict(num_tokens=500, max_key_offset=-1)])
+def test_spec_rejects_impossible_settings(kwargs):
+    with pytest.raises(ValueError):
+        synthetic.RetrievalDocSpec(**kwargs)
+
+
+# ---- far-token windows --------------------------------------------------------------------------
+
+def test_short_windows_score_the_range_once_with_bounded_context():
+    start, end, window, stride = 1024, 2048, 256, 32
+    windows = short_windows(start, end, window, stride)
+    scored = [t for w in windows for t in range(w.score_from, w.end)]
+    assert scored == list(range(start, end))
+    for w in windows:
+        assert w.num_tokens == window  # BOS + window - 1 document tokens
+        assert w.score_from - w.start >= window - 1 - stride  # least context of a scored token
+    full = full_window(start, end)
+    assert (full.start, full.score_from, full.end) == (0, start, end)
+    with pytest.raises(ValueError):
+        short_windows(start, end, window, window)
+    with pytest.raises(ValueError):
+        short_windows(100, end, window, stride)
+
+
+class _ContextBackend(EvalBackend):
+    """NLL of a token = 1 + 1 / (context tokens it sees): more context, lower loss."""
+
+    def __init__(self):
+        super().__init__("fake", "none")
+        self.calls = 0
+
+    def _score(self, requests):
+        self.calls += 1
+        import torch
+
+        out = []
+        for r in requests:
+            context = np.arange(r.first_target, len(r.targets)) + 1
+            out.append(torch.as_tensor(1.0 + 1.0 / context, dtype=torch.float64))
+        return out
+
+
+def test_far_tokens_compares_full_and_short_context_on_the_same_tokens():
+    docs = [np.arange(600) % 50, np.arange(700) % 40]
+    backend = _ContextBackend()
+    result = evaluate_far_tokens(backend, docs, bos=1, start=256, end=512, short_window=64, stride=16)
+    assert result.tokens_scored == 2 * 256 and result.documents == 2
+    full = np.mean(1 + 1 / (np.arange(256, 512) + 1))
+    assert math.isclose(result.full_nll, full, rel_tol=1e-12)
+    assert result.short_nll > result.full_nll
+    assert result.to_json()["ratio"] < 1
+    with pytest.raises(ValueError):
+        evaluate_far_tokens(backend, [np.arange(100)], bos=1, start=256, end=512, short_window=64, stride=16)
