@@ -11,6 +11,7 @@ real token, and masks the loss there.
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 from collections import OrderedDict
@@ -21,7 +22,7 @@ import numpy
 logger = logging.getLogger(__name__)
 
 
-class _PoseTokenizer:
+class _PoseTokenizer(abc.ABC):
     """Common surface of the backends; subclasses fill `_load` and the token ids."""
 
     tokenizer_type = ""
@@ -37,8 +38,9 @@ class _PoseTokenizer:
             ]
         )
 
+    @abc.abstractmethod
     def _load(self) -> None:
-        raise NotImplementedError
+        ...
 
     # Pickle by path: backend objects are either unpicklable or large.
     def __getstate__(self) -> Dict[str, str]:
@@ -50,32 +52,37 @@ class _PoseTokenizer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.tokenizer_model!r}, vocab_size={self.vocab_size})"
 
+    @abc.abstractmethod
     def tokenize(self, text: str) -> List[int]:
         """Token ids of `text`, without BOS/EOD (preprocessing adds those when asked)."""
-        raise NotImplementedError
+        ...
 
     def tokenize_array(self, text: str) -> numpy.ndarray:
         """tokenize() as an integer array [n]; backends that can skip the Python list do."""
         ids = self.tokenize(text)
         return numpy.fromiter(ids, dtype=numpy.int64, count=len(ids))
 
+    @abc.abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str:
         """The text of token ids (the inverse of tokenize for lossless tokenizers)."""
-        raise NotImplementedError
+        ...
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        ...
 
     @property
+    @abc.abstractmethod
     def eod(self) -> int:
         """The end-of-document id appended by `--append-eod` (the tokenizer's EOS)."""
-        raise NotImplementedError
+        ...
 
     @property
+    @abc.abstractmethod
     def bos(self) -> Optional[int]:
         """The beginning-of-sequence id prepended by `--prepend-bos`, or None when there is none."""
-        raise NotImplementedError
+        ...
 
     @property
     def eos(self) -> int:
