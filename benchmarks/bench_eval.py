@@ -28,7 +28,7 @@ import torch
 from pose_megatron import runtime
 from pose_megatron.checkpoint.layout import RunConfig
 from pose_megatron.checkpoint.megatron_io import save_model_weights
-from pose_megatron.config import ModelConfig
+from pose_megatron.presets import ModelConfig
 from pose_megatron.evaluation import open_backend
 from pose_megatron.evaluation.backends import resolve_dtype
 from pose_megatron.evaluation.perplexity import evaluate_length

@@ -19,7 +19,8 @@ import time
 import torch
 
 from pose_megatron import runtime
-from pose_megatron.config import ModelConfig, build_transformer_config
+from pose_megatron.model import build_transformer_config
+from pose_megatron.presets import ModelConfig
 from pose_megatron.model import PoseSDPAttention, build_model, get_layer_spec
 from pose_megatron.rope import RopeScaling
 

@@ -29,7 +29,7 @@ RUNS = {
 def measure(name: str, steps: int) -> dict:
     from pose_megatron import runtime
     from pose_megatron.arguments import TrainingConfig
-    from pose_megatron.config import get_preset
+    from pose_megatron.presets import get_preset
     from pose_megatron.corpus import ensure_sample_corpus
     from pose_megatron.data import build_pose_datasets
     from pose_megatron.loader import build_data_iterator

@@ -26,7 +26,7 @@ fi
 if [ "$ON_GPU" = 1 ]; then
   GPUS_PER_NODE=${GPUS_PER_NODE:-$(nvidia-smi -L | wc -l)}
   MODEL=${MODEL:-llama2-7b}
-  SEQ_LENGTH=${SEQ_LENGTH:-$("$PYTHON" -c "from pose_megatron.config import MODEL_PRESETS as P; print(P['$MODEL'].max_position_embeddings)")}
+  SEQ_LENGTH=${SEQ_LENGTH:-$("$PYTHON" -c "from pose_megatron.presets import MODEL_PRESETS as P; print(P['$MODEL'].max_position_embeddings)")}
   TARGET_LENGTH=${TARGET_LENGTH:-$((4 * SEQ_LENGTH))}
   ROPE_TYPE=${ROPE_TYPE:-linear}
   TRAIN_ITERS=${TRAIN_ITERS:-1000}

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from pose_megatron.config import MODEL_PRESETS
+from pose_megatron.presets import MODEL_PRESETS
 from pose_megatron.rope import ROPE_TYPES
 
 
@@ -315,7 +315,7 @@ def resolve_model_config(args: RunArgs):
     --model and model flags (which then need not be repeated); otherwise the preset with overrides.
     vocab_size is replaced by the tokenizer's later, when the model is not from a checkpoint."""
     from pose_megatron.checkpoint.layout import load_run_config, read_tracker, resolve_checkpoint_dir
-    from pose_megatron.config import get_preset
+    from pose_megatron.presets import get_preset
 
     load = args.training.load
     if load and (read_tracker(load) is not None or os.path.exists(os.path.join(load, "metadata.json"))):

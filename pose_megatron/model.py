@@ -23,7 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from pose_megatron.config import ModelConfig
+from pose_megatron.presets import ModelConfig
 from pose_megatron.rope import PoseRotaryEmbedding, RopeScaling
 from pose_megatron.runtime import transformer_engine_usable
 
@@ -201,3 +201,63 @@ def build_model(
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def build_transformer_config(
+    model: ModelConfig,
+    *,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    use_cpu_initialization: Optional[bool] = None,
+    apply_rope_fusion: bool = False,
+    recompute_activations: bool = False,
+    init_method_std: float = 0.02,
+) -> TransformerConfig:
+    """megatron-core's TransformerConfig for a LLaMA-style model at the given parallel sizes.
+
+    Fusions that need apex or CUDA kernels are off on CPU. `apply_rope_fusion` may be True only
+    when every sample of a micro-batch shares its positions (Transformer Engine's fused RoPE kernel
+    takes one position sequence per micro-batch).
+    """
+    model.check_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)
+    on_gpu = torch.cuda.is_available()
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not on_gpu
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.head_dim,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        pipeline_dtype=params_dtype,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=init_method_std,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=True,
+        apply_rope_fusion=apply_rope_fusion,
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        # megatron's fused softmax kernels come with Transformer Engine / apex; the local spec's
+        # SDPA attention does not use them. persist_layer_norm is apex's LayerNorm (not RMSNorm):
+        # with it on, megatron's torch norm fallback refuses to build on a GPU without apex.
+        masked_softmax_fusion=on_gpu and transformer_engine_usable(),
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        recompute_granularity="full" if recompute_activations else None,
+        recompute_method="uniform" if recompute_activations else None,
+        recompute_num_layers=1 if recompute_activations else None,
+    )

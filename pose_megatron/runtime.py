@@ -18,6 +18,36 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The compute / storage dtypes by the names every flag uses (Megatron's --bf16 / --fp16 spelling)."""
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """fp32 / bf16 / fp16 -> torch dtype; "auto" is bf16 on a GPU and fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if cuda_available() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose auto or one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch dtype -> fp32 / bf16 / fp16 (ValueError for others)."""
+    for name, known in DTYPES.items():
+        if known == dtype:
+            return name
+    raise ValueError(f"{dtype} is not one of the supported dtypes {sorted(DTYPES)}")
+
+
+def is_first_rank() -> bool:
+    """True on global rank 0, and in a process that is not (yet) part of a process group: the
+    rank that prints, writes shared files and builds caches. Before torch.distributed starts, the
+    launcher's RANK decides (torchrun sets it), so setup logs appear once."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 

@@ -35,7 +35,8 @@ from pose_megatron.checkpoint.training_state import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
-from pose_megatron.config import ModelConfig, build_transformer_config
+from pose_megatron.model import build_transformer_config
+from pose_megatron.presets import ModelConfig
 from pose_megatron.loader import build_data_iterator
 from pose_megatron.model import build_model
 from pose_megatron.runtime import transformer_engine_usable

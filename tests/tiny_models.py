@@ -6,7 +6,8 @@ import torch
 
 from pose_megatron.checkpoint.families import hf_to_megatron_state_dict
 from pose_megatron.checkpoint.hf_config import rope_to_hf_parameters
-from pose_megatron.config import ModelConfig, build_transformer_config
+from pose_megatron.model import build_transformer_config
+from pose_megatron.presets import ModelConfig
 from pose_megatron.model import build_model
 from pose_megatron.rope import RopeScaling
 

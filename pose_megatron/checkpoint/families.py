@@ -22,7 +22,7 @@ from typing import Callable, Dict, Mapping, Sequence, Tuple
 
 import torch
 
-from pose_megatron.config import ModelConfig
+from pose_megatron.presets import ModelConfig
 
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"

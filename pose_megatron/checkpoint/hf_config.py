@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
-from pose_megatron.config import ModelConfig
+from pose_megatron.presets import ModelConfig
 from pose_megatron.rope import (
     RopeScaling,
     ntk_scaled_base,

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from pose_megatron.config import ModelConfig
+from pose_megatron.files import atomic_write_text
+from pose_megatron.presets import ModelConfig
 from pose_megatron.rope import RopeScaling
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -46,6 +46,14 @@ class RunConfig:
     """PoSE target length L_t: becomes max_position_embeddings on export."""
     extra: dict = field(default_factory=dict)
     """Free-form provenance (source model, tokenizer, converter arguments)."""
+
+    @property
+    def max_positions(self) -> int:
+        """Positions the model covers: the PoSE target length, else the window times the RoPE
+        factor (an import of a scaled model without a known target)."""
+        if self.target_length:
+            return int(self.target_length)
+        return round(self.model.max_position_embeddings * self.rope_scaling.factor)
 
     def to_json(self) -> dict:
         return {
@@ -78,16 +86,6 @@ def iteration_dirname(iteration: Iteration) -> str:
     return RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_tracker(root: Union[str, Path]) -> Optional[Iteration]:
     """The latest complete iteration under root, or None when root holds no checkpoint."""
     tracker = Path(root) / TRACKER_FILE
@@ -103,7 +101,13 @@ def read_tracker(root: Union[str, Path]) -> Optional[Iteration]:
 
 
 def write_tracker(root: Union[str, Path], iteration: Iteration) -> None:
-    write_atomic(Path(root) / TRACKER_FILE, f"{iteration}\n")
+    atomic_write_text(Path(root) / TRACKER_FILE, f"{iteration}\n")
+
+
+def holds_checkpoint(path: Union[str, Path]) -> bool:
+    """True when `path` is a save root with a tracker or a checkpoint directory itself."""
+    path = Path(path)
+    return (path / TRACKER_FILE).is_file() or (path / "metadata.json").is_file()
 
 
 def resolve_checkpoint_dir(path: Union[str, Path]) -> Path:
@@ -127,7 +131,7 @@ def resolve_checkpoint_dir(path: Union[str, Path]) -> Path:
 
 
 def save_run_config(ckpt_dir: Union[str, Path], config: RunConfig) -> None:
-    write_atomic(Path(ckpt_dir) / CONFIG_FILE, json.dumps(config.to_json(), indent=2) + "\n")
+    atomic_write_text(Path(ckpt_dir) / CONFIG_FILE, json.dumps(config.to_json(), indent=2) + "\n")
 
 
 def load_run_config(ckpt_dir: Union[str, Path]) -> Optional[RunConfig]:

@@ -31,7 +31,7 @@ from megatron.core.tensor_parallel.utils import VocabUtility
 from pose_megatron import runtime
 from pose_megatron.checkpoint.layout import load_run_config, resolve_checkpoint_dir
 from pose_megatron.checkpoint.megatron_io import load_model_weights
-from pose_megatron.config import build_transformer_config
+from pose_megatron.model import build_transformer_config
 from pose_megatron.evaluation.backends import (
     LOGIT_BUDGET_ELEMENTS,
     EvalBackend,

@@ -21,7 +21,7 @@ pytestmark = [
 def test_te_spec_matches_local_spec(megatron_env, tmp_path, micro_batch, fused):
     from megatron.core import dist_checkpointing
 
-    from pose_megatron.config import build_transformer_config
+    from pose_megatron.model import build_transformer_config
     from pose_megatron.model import build_model
 
     scaling = ROPE_CASES["yarn-revised"]

@@ -22,7 +22,7 @@ from pose_megatron.checkpoint.hf_config import (
     rope_to_hf_parameters,
 )
 from pose_megatron.checkpoint.megatron_io import load_model_weights
-from pose_megatron.config import MODEL_PRESETS
+from pose_megatron.presets import MODEL_PRESETS
 from pose_megatron.rope import RopeScaling, compute_inv_freq
 from tiny_models import ROPE_CASES, TINY, hf_llama, pose_llama, pose_positions
 

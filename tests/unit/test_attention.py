@@ -5,7 +5,7 @@ import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from pose_megatron.config import build_transformer_config
+from pose_megatron.model import build_transformer_config
 from pose_megatron.model import PoseSDPAttention
 from tiny_models import TINY
 

@@ -1,21 +1,14 @@
-"""Model presets and the one place where settings become megatron-core configs.
+"""Model presets: LLaMA-style architectures in megatron-core's names.
 
-A `ModelConfig` holds a LLaMA-style architecture in megatron-core's names. `MODEL_PRESETS` has the
-families PoSE was run on; `build_transformer_config` turns a ModelConfig plus run settings into the
-`TransformerConfig` that PoseGPTModel is built from.
+A `ModelConfig` holds one architecture; `MODEL_PRESETS` has the families PoSE was run on plus two
+small sizes for tests and the CPU demo. `pose_megatron.model.build_transformer_config` turns a
+ModelConfig into the `TransformerConfig` PoseGPTModel is built from.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
-
-import torch
-import torch.nn.functional as F
-from megatron.core.transformer.transformer_config import TransformerConfig
-
-from pose_megatron.runtime import transformer_engine_usable
 
 
 @dataclass
@@ -103,63 +96,3 @@ def get_preset(name: str, **overrides) -> ModelConfig:
     if name not in MODEL_PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
     return dataclasses.replace(MODEL_PRESETS[name], **overrides)
-
-
-def build_transformer_config(
-    model: ModelConfig,
-    *,
-    tensor_model_parallel_size: int = 1,
-    pipeline_model_parallel_size: int = 1,
-    params_dtype: torch.dtype = torch.float32,
-    use_cpu_initialization: Optional[bool] = None,
-    apply_rope_fusion: bool = False,
-    recompute_activations: bool = False,
-    init_method_std: float = 0.02,
-) -> TransformerConfig:
-    """megatron-core's TransformerConfig for a LLaMA-style model at the given parallel sizes.
-
-    Fusions that need apex or CUDA kernels are off on CPU. `apply_rope_fusion` may be True only
-    when every sample of a micro-batch shares its positions (Transformer Engine's fused RoPE kernel
-    takes one position sequence per micro-batch).
-    """
-    model.check_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)
-    on_gpu = torch.cuda.is_available()
-    if use_cpu_initialization is None:
-        use_cpu_initialization = not on_gpu
-    return TransformerConfig(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
-        ffn_hidden_size=model.ffn_hidden_size,
-        kv_channels=model.head_dim,
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
-        pipeline_dtype=params_dtype,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        normalization="RMSNorm",
-        layernorm_epsilon=model.norm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=init_method_std,
-        use_cpu_initialization=use_cpu_initialization,
-        perform_initialization=True,
-        apply_rope_fusion=apply_rope_fusion,
-        bias_activation_fusion=on_gpu,
-        bias_dropout_fusion=on_gpu,
-        # megatron's fused softmax kernels come with Transformer Engine / apex; the local spec's
-        # SDPA attention does not use them. persist_layer_norm is apex's LayerNorm (not RMSNorm):
-        # with it on, megatron's torch norm fallback refuses to build on a GPU without apex.
-        masked_softmax_fusion=on_gpu and transformer_engine_usable(),
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        recompute_granularity="full" if recompute_activations else None,
-        recompute_method="uniform" if recompute_activations else None,
-        recompute_num_layers=1 if recompute_activations else None,
-    )

@@ -1,0 +1,86 @@
+"""Writing files and directories so that a reader never sees a half-written one.
+
+Everything this project writes for others to read (checkpoints, exports, datasets, caches, results)
+is written under a temporary name beside its final place and renamed when complete: a rename within
+one directory is atomic, so a kill at any moment leaves either the old content or the new one.
+Temporary names start with a dot and carry the writer's pid, so a leftover is recognisable, hidden
+from globbing readers, and never confused with another live writer's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, Union
+
+PathLike = Union[str, os.PathLike]
+
+INCOMPLETE_SUFFIX = ".incomplete"
+"""Suffix of a directory being written (`.NAME.incomplete`); what `atomic_directory` leaves after a
+kill, and what loaders name when they find one instead of the real thing."""
+
+
+def temporary_sibling(path: PathLike, tag: str = "") -> Path:
+    """A hidden, process-specific name next to `path` (same directory, so a rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{tag}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write a file so that readers see the old or the new content, never a mix; fsynced."""
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def incomplete_name(final: PathLike) -> Path:
+    """Where `atomic_directory` builds `final`: `.NAME.incomplete` beside it."""
+    final = Path(final)
+    return final.with_name(f".{final.name}{INCOMPLETE_SUFFIX}")
+
+
+@contextlib.contextmanager
+def atomic_directory(final: PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Build a directory under a temporary name; it appears as `final` only if the block succeeds.
+
+    Yields the (new, empty) temporary directory. A leftover temporary directory from an earlier,
+    killed attempt is removed first. On an exception the temporary directory is removed and the
+    exception propagates; `final` is untouched. With `replace`, an existing `final` is swapped out
+    only after the new one is complete (it is renamed aside, the new one renamed in, then the old
+    one deleted), so no moment exists without one complete copy on disk.
+    """
+    final = Path(final)
+    if final.exists() and not replace:
+        raise FileExistsError(f"{final} already exists")
+    tmp = incomplete_name(final)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        aside = temporary_sibling(final, ".old")
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
