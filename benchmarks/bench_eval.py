@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pose_megatron import runtime
+from pose_megatron._compat import enable_cpu_fallbacks
 from pose_megatron.checkpoint.layout import RunConfig
 from pose_megatron.checkpoint.megatron_io import save_model_weights
 from pose_megatron.presets import ModelConfig
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                         help="all three sides (auto: bf16 on GPU, fp32 on CPU)")
     args = parser.parse_args()
+
+    enable_cpu_fallbacks()
 
     runtime.initialize_distributed()
     runtime.initialize_model_parallel(1, 1)

@@ -19,6 +19,7 @@ import time
 import torch
 
 from pose_megatron import runtime
+from pose_megatron._compat import enable_cpu_fallbacks
 from pose_megatron.model import build_transformer_config
 from pose_megatron.presets import ModelConfig
 from pose_megatron.model import PoseSDPAttention, build_model, get_layer_spec
@@ -46,6 +47,8 @@ def time_step(model, tokens, positions, labels):
 
 def bench_step_time(seq, batch, repeats):
     from megatron.core.models.gpt import GPTModel
+
+    enable_cpu_fallbacks()
 
     runtime.initialize_distributed()
     runtime.initialize_model_parallel(1, 1)
@@ -77,6 +80,8 @@ def measure_attention_memory(kind, seq):
     """Peak RSS growth (bytes) of one core-attention forward+backward; run in a fresh process."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
+
+    enable_cpu_fallbacks()
 
     runtime.initialize_distributed()
     runtime.initialize_model_parallel(1, 1)

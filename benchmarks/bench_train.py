@@ -28,6 +28,7 @@ RUNS = {
 
 def measure(name: str, steps: int) -> dict:
     from pose_megatron import runtime
+    from pose_megatron._compat import enable_cpu_fallbacks
     from pose_megatron.arguments import TrainingConfig
     from pose_megatron.presets import get_preset
     from pose_megatron.corpus import ensure_sample_corpus
@@ -44,6 +45,7 @@ def measure(name: str, steps: int) -> dict:
     torch.set_num_threads(1)  # one thread: CPU time then counts work, not contended spin-waits
     run = RUNS[name]
     corpus = ensure_sample_corpus()
+    enable_cpu_fallbacks()
     runtime.initialize_distributed()
     runtime.initialize_model_parallel(1, 1)
     runtime.set_seed(0)

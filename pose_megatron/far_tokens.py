@@ -158,6 +158,9 @@ def main(argv=None) -> int:
                 for name, path in zip(args.data_name, args.data_path)}
         if cli.needs_distributed(args.checkpoints):
             from pose_megatron import runtime
+            from pose_megatron._compat import enable_cpu_fallbacks
+
+            enable_cpu_fallbacks()
 
             runtime.initialize_distributed()
         results = {name: {} for name in data}

@@ -2,7 +2,7 @@
 
 Works the same under torchrun (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the
 environment) and as a plain single process (no variables: a one-process group on a free local port).
-NCCL when CUDA is present, gloo otherwise; on CPU the compatibility layer is applied first.
+NCCL when CUDA is present, gloo otherwise (after the entry point enabled pose_megatron._compat).
 """
 
 from __future__ import annotations
@@ -77,11 +77,19 @@ def _free_port() -> int:
 
 
 def initialize_distributed(timeout_minutes: int = 30) -> None:
-    """Create the default process group (idempotent)."""
-    if not cuda_available():
-        from pose_megatron import cpu_compat
+    """Create the default process group (idempotent).
 
-        cpu_compat.apply()
+    On CPU the entry point must have called `pose_megatron._compat.enable_cpu_fallbacks()` first:
+    megatron-core's CUDA-only calls would otherwise fail deep inside the first step.
+    """
+    if not cuda_available():
+        from pose_megatron._compat import cpu_fallbacks_active
+
+        if not cpu_fallbacks_active():
+            raise RuntimeError(
+                "megatron-core is about to run without CUDA, but the CPU compatibility layer is off; "
+                "call pose_megatron._compat.enable_cpu_fallbacks() at the entry point"
+            )
     if dist.is_initialized():
         return
     rank = int(os.environ.get("RANK", "0"))

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
     # its import-time warnings about missing apex / Transformer Engine would only be noise.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
 
+from pose_megatron._compat import enable_cpu_fallbacks  # noqa: E402
 from pose_megatron.arguments import parse_args  # noqa: E402
 from pose_megatron.training import run_training  # noqa: E402
 
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
                         datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
     args = parse_args(argv)
+    enable_cpu_fallbacks()
     saved = run_training(args)
     if saved and first_rank:
         print(f"checkpoint: {saved}", flush=True)

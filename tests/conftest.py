@@ -3,6 +3,13 @@
 import pytest
 import torch
 
+from pose_megatron._compat import enable_cpu_fallbacks
+
+
+def pytest_configure(config):
+    # The suite runs megatron-core in-process; on CPU its CUDA-only calls need the stand-ins.
+    enable_cpu_fallbacks()
+
 
 @pytest.fixture(scope="session")
 def megatron_env():

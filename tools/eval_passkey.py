@@ -70,6 +70,9 @@ def main(argv=None) -> int:
         logger.info("%d prompts at lengths %s", len(prompts), args.lengths)
         if cli.needs_distributed(args.checkpoints):
             from pose_megatron import runtime
+            from pose_megatron._compat import enable_cpu_fallbacks
+
+            enable_cpu_fallbacks()
 
             runtime.initialize_distributed()
         results, summaries, described = {}, {}, {}

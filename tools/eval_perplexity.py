@@ -73,6 +73,9 @@ def main(argv=None) -> int:
                     len(docs.documents), docs.num_tokens, docs.skipped, docs.min_tokens)
         if cli.needs_distributed(args.checkpoints):
             from pose_megatron import runtime
+            from pose_megatron._compat import enable_cpu_fallbacks
+
+            enable_cpu_fallbacks()
 
             runtime.initialize_distributed()
         results, described = {}, {}

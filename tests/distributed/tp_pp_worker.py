@@ -15,6 +15,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from pose_megatron import runtime
+from pose_megatron._compat import enable_cpu_fallbacks
 from pose_megatron.training import forward_step
 from tiny_models import ROPE_CASES, TINY, pose_llama, pose_positions
 
@@ -34,6 +35,7 @@ def batches():
 
 
 def main(out_path: str, ckpt_dir: str) -> None:
+    enable_cpu_fallbacks()
     runtime.initialize_distributed()
     results = {}
     for tp, pp in LAYOUTS:

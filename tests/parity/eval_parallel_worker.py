@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from pose_megatron import runtime
+from pose_megatron._compat import enable_cpu_fallbacks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,6 +23,7 @@ def load_tool(name):
 
 
 def main(out_dir: str, load: str, prefix: str, tokenizer: str) -> None:
+    enable_cpu_fallbacks()
     runtime.initialize_distributed()
     perplexity, passkey = load_tool("eval_perplexity"), load_tool("eval_passkey")
     for tp, pp in ((2, 1), (1, 2), (1, 1)):  # the last: two data-parallel replicas

@@ -1,4 +1,4 @@
-"""Let megatron-core 0.16.1 run on a machine without CUDA.
+"""The stand-ins that let megatron-core run on a machine without CUDA (see pose_megatron._compat).
 
 megatron-core has no CPU path: a handful of its modules call `torch.cuda.*` or allocate with
 `device="cuda"` directly. Rather than patching torch for the whole process, each of those modules gets
@@ -6,8 +6,8 @@ its own stand-in for the name `torch`: it delegates everything to the real torch
 devices become the CPU, CUDA streams and synchronisation become no-ops, and the CUDA RNG becomes the
 CPU RNG (the RNG tracker then forks the generator CPU kernels actually use).
 
-`apply()` is idempotent and is called by `runtime.initialize_distributed` only when CUDA is absent.
-Every entry of `_PATCHED_MODULES` names the call sites it covers; one no test needs is dropped.
+`apply()` is idempotent. Every entry of `PATCHED_MODULES` says which call sites it covers and
+carries a pattern of one of them, which tests/unit/test_compat.py checks against megatron-core.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import importlib
 import types
 
 import torch
-
-_APPLIED = False
 
 # Tensor factories that megatron-core calls with device="cuda" / torch.cuda.current_device().
 _FACTORIES = frozenset({"zeros", "ones", "empty", "tensor", "full", "arange"})
@@ -159,46 +157,85 @@ def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
-# module -> the call sites its `torch` stand-in covers.
-_PATCHED_MODULES = {
-    # RotaryEmbedding moves inv_freq to torch.cuda.current_device() (stock GPTModel in parity tests).
-    "megatron.core.models.common.embeddings.rotary_pos_embedding": "inv_freq .to(cuda)",
-    # model_parallel_cuda_manual_seed and the RNG tracker: torch.cuda.manual_seed / get_rng_state.
-    "megatron.core.tensor_parallel.random": "cuda RNG seeding",
-    # GlobalMemoryBuffer.get_tensor allocates on torch.cuda.current_device() (local DotProductAttention).
-    "megatron.core.utils": "global memory buffer device",
-    # get_default_causal_mask allocates on "cuda" (local-spec DotProductAttention).
-    "megatron.core.transformer.utils": "causal mask device",
-    # total_num_tokens = torch.zeros(..., device="cuda") in every schedule.
-    "megatron.core.pipeline_parallel.schedules": "token counter device",
-    # shape exchange buffers on torch.cuda.current_device(); torch.cuda.synchronize after batched p2p.
-    "megatron.core.pipeline_parallel.p2p_communication": "p2p buffers and sync",
-    # torch.cuda.synchronize before copying tensors out for a (sync or async) checkpoint save.
-    "megatron.core.dist_checkpointing.strategies.filesystem_async": "save preload sync",
-    # the save's reuse check all-reduces a flag created on "cuda".
-    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "save flag device",
-    # grad buffers on torch.cuda.current_device(); communication streams.
-    "megatron.core.distributed.param_and_grad_buffer": "grad buffer device, streams",
-    # torch.cuda.Stream for grad sync; torch.cuda.synchronize.
-    "megatron.core.distributed.distributed_data_parallel": "DDP streams",
-    # found_inf / loss-scale tensors created on "cuda".
-    "megatron.core.optimizer.optimizer": "optimizer flag tensors",
-    # total-norm all-reduce buffers on "cuda".
-    "megatron.core.optimizer.clip_grads": "grad-norm buffers",
-    # shard buffers on torch.cuda.current_device().
-    "megatron.core.optimizer.distrib_optimizer": "distributed optimizer buffers",
+# module -> (what its `torch` stand-in covers, a regex matching one such call site in its source).
+# tests/unit/test_compat.py checks every regex against the installed megatron-core, so a release
+# that moves a call site fails that test rather than a training run.
+PATCHED_MODULES = {
+    "megatron.core.models.common.embeddings.rotary_pos_embedding":
+        ("RotaryEmbedding moves inv_freq to the CUDA device (stock GPTModel in parity tests)",
+         r"inv_freq\.to\(device=torch\.cuda\.current_device\(\)\)"),
+    "megatron.core.tensor_parallel.random":
+        ("model_parallel_cuda_manual_seed and the RNG tracker seed the CUDA generator",
+         r"torch\.cuda\.manual_seed"),
+    "megatron.core.utils":
+        ("GlobalMemoryBuffer allocates on the CUDA device (local DotProductAttention)",
+         r"device=torch\.cuda\.current_device\(\)"),
+    "megatron.core.transformer.utils":
+        ("get_default_causal_mask allocates on \"cuda\" (local-spec DotProductAttention)",
+         r"torch\.ones\(sq, sq, device=\"cuda\"\)"),
+    "megatron.core.pipeline_parallel.schedules":
+        ("every schedule's token counter is created on \"cuda\"",
+         r"total_num_tokens = torch\.zeros\(\[\], dtype=torch\.int, device=\"cuda\"\)"),
+    "megatron.core.pipeline_parallel.p2p_communication":
+        ("shape exchange buffers on the CUDA device; synchronize after batched p2p",
+         r"device=torch\.cuda\.current_device\(\)"),
+    "megatron.core.dist_checkpointing.strategies.filesystem_async":
+        ("synchronize before copying tensors out for a checkpoint save",
+         r"torch\.cuda\.synchronize\(\)"),
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver":
+        ("the save's reuse check all-reduces a flag created on \"cuda\"",
+         r"device='cuda'"),
+    "megatron.core.distributed.param_and_grad_buffer":
+        ("grad buffers on the CUDA device; communication streams",
+         r"torch\.cuda\.default_stream\(\)"),
+    "megatron.core.distributed.distributed_data_parallel":
+        ("a CUDA stream for grad sync; synchronize",
+         r"torch\.cuda\.Stream\("),
+    "megatron.core.optimizer.optimizer":
+        ("found_inf / loss-scale tensors created on \"cuda\"",
+         r"self\.found_inf = torch\.tensor\(\[0\.0\], dtype=torch\.float, device='cuda'\)"),
+    "megatron.core.optimizer.clip_grads":
+        ("total-norm all-reduce buffers on \"cuda\"",
+         r"total_norm_cuda = torch\.tensor\("),
+    "megatron.core.optimizer.distrib_optimizer":
+        ("shard buffers on the CUDA device",
+         r"torch\.cuda\.current_device\(\)"),
 }
+
+# Module-level functions replaced outright, and the string checks scoped by _cuda_type_names:
+# (module, attribute, a regex of the call site it serves).
+REPLACED_FUNCTIONS = (
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", r"def _get_cuda_rng_state\("),
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", r"def _set_cuda_rng_state\("),
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32",
+     r"clip_grad_by_total_norm_fp32\("),
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32",
+     r"param\.grad\.type\(\) == 'torch\.cuda\.FloatTensor'"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer",
+     r"model_param\.type\(\) == 'torch\.cuda\.FloatTensor'"),
+)
+
+
+_MARKER_MODULE = "megatron.core.pipeline_parallel.schedules"
+
+
+def is_applied() -> bool:
+    """Whether this process's megatron-core modules already use the stand-ins (read off the
+    patched modules themselves, so there is no separate flag to get out of step)."""
+    import sys
+
+    module = sys.modules.get(_MARKER_MODULE)
+    return module is not None and isinstance(getattr(module, "torch", None), _TorchOnCpu)
 
 
 def apply() -> None:
-    """Redirect megatron-core's CUDA-only call sites to the CPU (once per process)."""
-    global _APPLIED
-    if _APPLIED:
+    """Redirect megatron-core's CUDA-only call sites to the CPU (idempotent)."""
+    if is_applied():
         return
     stand_in = _TorchOnCpu()
-    for name in _PATCHED_MODULES:
-        module = importlib.import_module(name)
-        module.torch = stand_in
+    for name in PATCHED_MODULES:
+        if name != _MARKER_MODULE:
+            importlib.import_module(name).torch = stand_in
     # The tracker's fork() swaps states through these two module-level helpers.
     random = importlib.import_module("megatron.core.tensor_parallel.random")
     random._get_cuda_rng_state = _cpu_get_rng_state
@@ -210,4 +247,5 @@ def apply() -> None:
     distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
     distrib.DistributedOptimizer.__init__ = _with_cuda_type_names(
         distrib.DistributedOptimizer.__init__)
-    _APPLIED = True
+    # Last, so that is_applied() implies all of the above.
+    importlib.import_module(_MARKER_MODULE).torch = stand_in
