@@ -78,10 +78,16 @@ class ProgressReporter:
         if not self.active:
             return
         if self.metrics is not None:  # every step, full precision: exact-resume checks read it
-            record = {"iteration": iteration, "loss": metrics["loss"], "lr": metrics["lr"],
-                      "grad_norm": metrics["grad_norm"]}
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
+            tokens_per_s = self.tokens_per_step / step_time
+            self._record({
+                "iteration": iteration, "loss": metrics["loss"], "lr": metrics["lr"],
+                "grad_norm": metrics["grad_norm"], "ms_per_it": step_time * 1e3,
+                "tokens_per_s": tokens_per_s,
+                "samples_per_s": metrics["samples_per_step"] / step_time,
+                "tflops_per_device": tokens_per_s * self.flops_per_token / self.world_size / 1e12,
+                "peak_memory_gib": peak_memory_bytes() / 2**30,
+                "skipped": bool(metrics.get("skipped")),
+            })
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
@@ -123,8 +129,16 @@ class ProgressReporter:
             return
         ppl = float(torch.exp(torch.tensor(min(loss, 50.0))))
         self.write(f"validation at iteration {iteration} | lm loss {loss:.6f} | ppl {ppl:.3f}")
+        if self.metrics is not None:
+            self._record({"iteration": iteration, "validation_loss": loss, "validation_ppl": ppl})
         if self.writer is not None:
             self.writer.add_scalar("validation lm loss", loss, iteration)
+
+    def _record(self, record: dict) -> None:
+        """One JSON line of --metrics-file: training steps carry "loss", validations
+        "validation_loss"; flushed at once so a reader (or a crash) sees every finished step."""
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
 
     def write(self, line: str) -> None:
         if not self.active:

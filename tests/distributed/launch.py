@@ -45,6 +45,6 @@ def train(args, nproc: int = 1, timeout: int = 300, check: bool = True) -> subpr
 
 
 def read_metrics(path) -> dict:
-    """{iteration: record} from a --metrics-file."""
+    """{iteration: training-step record} from a --metrics-file (validation records left out)."""
     records = [json.loads(line) for line in Path(path).read_text().splitlines()]
-    return {r["iteration"]: r for r in records}
+    return {r["iteration"]: r for r in records if "loss" in r}

@@ -1,5 +1,6 @@
 """The trainer end to end on CPU: exact resume, TP / PP / DP equivalence, SIGTERM, the launch script."""
 
+import json
 import os
 import signal
 import subprocess
@@ -112,3 +113,17 @@ def test_launch_script_default_run(tmp_path):
     assert "iteration        3/3" in proc.stdout
     assert read_tracker(tmp_path / "ck") == 3
     assert f"checkpoint: {tmp_path / 'ck'}" in proc.stdout
+
+
+def test_metrics_file_holds_throughput_memory_and_validation(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    train(BASE + ["--train-iters", "3", "--eval-interval", "2", "--eval-iters", "1",
+                  "--metrics-file", metrics])
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["iteration"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["ms_per_it"] > 0 and r["tokens_per_s"] > 0 and r["samples_per_s"] > 0
+        assert r["peak_memory_gib"] > 0 and r["skipped"] is False
+    (valid,) = [r for r in records if "validation_loss" in r]
+    assert valid["iteration"] == 2 and valid["validation_ppl"] > 1
