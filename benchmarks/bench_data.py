@@ -82,7 +82,7 @@ def bench_getitem(workdir: str, items: int, repeats: int) -> float:
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    from pose_megatron.data import build_pose_datasets
+    from pose_megatron.loader import build_pose_datasets
     from pose_megatron.positions import PoseSampling
 
     prefix = os.path.join(workdir, "synthetic")

@@ -29,16 +29,16 @@ RUNS = {
 def measure(name: str, steps: int) -> dict:
     from pose_megatron import runtime
     from pose_megatron._compat import enable_cpu_fallbacks
-    from pose_megatron.arguments import TrainingConfig
-    from pose_megatron.presets import get_preset
     from pose_megatron.corpus import ensure_sample_corpus
-    from pose_megatron.data import build_pose_datasets
-    from pose_megatron.loader import build_data_iterator
+    from pose_megatron.loader import build_data_iterator, build_pose_datasets
     from pose_megatron.positions import PoseSampling
-    from pose_megatron.progress import peak_memory_bytes
+    from pose_megatron.presets import get_preset
     from pose_megatron.rope import RopeScaling
     from pose_megatron.tokenizer import build_tokenizer
-    from pose_megatron.training import setup_model_and_optimizer, train_step
+    from pose_megatron.train.build import setup_model_and_optimizer
+    from pose_megatron.train.config import TrainingConfig
+    from pose_megatron.train.progress import peak_memory_bytes
+    from pose_megatron.train.step import train_step
 
     import torch
 

@@ -66,12 +66,12 @@ ARGS=(
   --log-interval "$LOG_INTERVAL" --save "$SAVE"
   "${EXTRA[@]}"
 )
-if [ -n "${DATA_PATH:-}" ]; then
-  ARGS+=(--data-path $DATA_PATH --tokenizer-model "${TOKENIZER_MODEL:?DATA_PATH needs TOKENIZER_MODEL}")
-else
+if [ -z "${DATA_PATH:-}" ]; then
   # The bundled sample corpus (standard-library sources), built once and cached.
-  "$PYTHON" "$ROOT/tools/build_sample_corpus.py" >/dev/null
+  { read -r DATA_PATH; read -r TOKENIZER_MODEL; } < <(
+    "$PYTHON" "$ROOT/tools/build_sample_corpus.py" --print train_prefix tokenizer_model)
 fi
+ARGS+=(--data-path $DATA_PATH --tokenizer-model "${TOKENIZER_MODEL:?DATA_PATH needs TOKENIZER_MODEL}")
 if [ -n "${LOAD:-}" ]; then
   ARGS+=(--load "$LOAD")
 fi

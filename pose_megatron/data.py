@@ -1,4 +1,4 @@
-"""PoseGPTDataset: megatron-core's GPTDataset with PoSE samples, and the builder glue.
+"""PoseGPTDataset: megatron-core's GPTDataset with PoSE samples (pose_megatron.loader builds them).
 
 GPTDataset packs documents end to end into seq_length+1 token runs. PoSE instead cuts every
 sample from ONE document window with pose_megatron.positions.sample_pose, so this subclass replaces
@@ -15,20 +15,21 @@ A document of n tokens has max(1, n // W) windows of W = content window tokens, 
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy
 import torch
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 
+from pose_megatron.files import atomic_write_bytes, atomic_write_text
 from pose_megatron.positions import PoseSampling, sample_pose
 
 logger = logging.getLogger(__name__)
@@ -360,83 +361,11 @@ class PoseGPTDataset(GPTDataset):
 def _save_indices_atomically(
     paths: Dict[str, str], description: str, arrays: Dict[str, numpy.ndarray]
 ) -> None:
-    """Write each cache file under a temporary name and rename it; the description goes last, so
-    a cache that has all four files is complete."""
+    """Write each cache file atomically; the description goes last, so a cache that has all four
+    files is complete."""
     os.makedirs(os.path.dirname(paths["description.txt"]), exist_ok=True)
-    suffix = f".tmp-{os.getpid()}"
     for name, array in arrays.items():
-        with open(paths[name] + suffix, "wb") as stream:
-            numpy.save(stream, array, allow_pickle=False)
-        os.replace(paths[name] + suffix, paths[name])
-    with open(paths["description.txt"] + suffix, "wt") as stream:
-        stream.write(description)
-    os.replace(paths["description.txt"] + suffix, paths["description.txt"])
-
-
-def build_pose_datasets(
-    data_prefixes: Sequence[str],
-    data_weights: Optional[Sequence[float]],
-    split: str,
-    sizes: Sequence[Optional[int]],
-    seed: int,
-    tokenizer,
-    pose: PoseSampling,
-    *,
-    min_doc_length: Optional[int] = None,
-    path_to_cache: Optional[str] = None,
-    eod_mask_loss: bool = False,
-    create_attention_mask: bool = False,
-    is_built_on_rank: Optional[Callable[[], bool]] = None,
-) -> Tuple[Optional[torch.utils.data.Dataset], ...]:
-    """(train, valid, test) PoseGPTDatasets (blended when there are several prefixes).
-
-    data_prefixes are .bin/.idx prefixes, data_weights their blend weights (None: by size), split a
-    Megatron split string such as "98,1,1", sizes the samples wanted per split (None: one epoch).
-    Megatron's "w1 p1 w2 p2" lists convert with megatron.core.datasets.utils.get_blend_from_list.
-    """
-    if not data_prefixes:
-        raise ValueError(
-            "build_pose_datasets needs at least one data prefix; for a quick start use "
-            "pose_megatron.corpus.ensure_sample_corpus() and pass its train_prefix"
-        )
-    for prefix in data_prefixes:
-        if not IndexedDataset.exists(prefix):
-            raise FileNotFoundError(
-                f"no {prefix}.bin/.idx pair; run tools/preprocess_data.py to create it"
-            )
-    if data_weights is not None and len(data_weights) != len(data_prefixes):
-        raise ValueError(
-            f"{len(data_weights)} data weights for {len(data_prefixes)} data prefixes; give one "
-            f"weight per prefix or none"
-        )
-    if len(sizes) != len(Split):
-        raise ValueError(f"sizes needs one entry per split (train, valid, test), got {list(sizes)}")
-    if data_weights is not None and any(size is None for size in sizes):
-        raise ValueError(
-            f"with data_weights every split needs a sample count (0 for an unused split), got "
-            f"sizes={list(sizes)}; megatron-core blends by weight only toward a known size"
-        )
-    # megatron-core 0.16's BlendedDataset calls torch.distributed.get_rank() whenever it has a
-    # path_to_cache; a single process without a process group keeps the PoSE index cache and lets
-    # the blend index (a fast C++ pass) be built in memory.
-    blend_cache = path_to_cache
-    if len(data_prefixes) > 1 and not torch.distributed.is_initialized():
-        blend_cache = None
-    config = PoseGPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=pose.seq_length,
-        blend=(list(data_prefixes), None if data_weights is None else list(data_weights)),
-        split=split,
-        path_to_cache=blend_cache,
-        pose_index_cache_path=path_to_cache,
-        tokenizer=tokenizer,
-        eod_mask_loss=eod_mask_loss,
-        create_attention_mask=create_attention_mask,
-        pose=pose,
-        min_doc_length=min_doc_length,
-    )
-    builder = BlendedMegatronDatasetBuilder(
-        PoseGPTDataset, list(sizes), is_built_on_rank or (lambda: True), config
-    )
-    train, valid, test = builder.build()
-    return train, valid, test
+        buffer = io.BytesIO()
+        numpy.save(buffer, array, allow_pickle=False)
+        atomic_write_bytes(paths[name], buffer.getvalue())
+    atomic_write_text(paths["description.txt"], description)

@@ -55,7 +55,7 @@ class PoseSampling:
     num_chunks: int = 2
     """N: chunks per sample. 2 is the paper's reference; N=seq_length is the RandPos baseline."""
 
-    content: str = "skip"
+    content: str = dataclasses.field(default="skip", metadata={"choices": CONTENT_MODES})
     """Which text fills the chunks: "skip" draws content skips inside the content window (the
     reference), "contiguous" reads one contiguous run from the start of the document."""
 

@@ -18,7 +18,7 @@ factors) are computed in Python float64, exactly as an exporter writes them to c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -34,7 +34,7 @@ _HAS_ATTENTION_FACTOR = ("yarn", "yarn-revised")
 class RopeScaling:
     """How the rotary frequencies are scaled. Field names follow Hugging Face `rope_parameters`."""
 
-    rope_type: str = "default"
+    rope_type: str = field(default="default", metadata={"choices": ROPE_TYPES})
     """One of "default", "linear", "ntk" (PoSE's static NTK), "yarn" (YaRN / HF yarn),
     "yarn-revised" (PoSE's YaRN: blend of wavelengths), "llama3"."""
 

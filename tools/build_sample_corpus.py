@@ -13,7 +13,12 @@ import json
 import logging
 import sys
 
-from pose_megatron.corpus import SampleCorpusSettings, default_cache_dir, ensure_sample_corpus
+from pose_megatron.corpus import (
+    SampleCorpus,
+    SampleCorpusSettings,
+    default_cache_dir,
+    ensure_sample_corpus,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,12 +44,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--force", action="store_true", help="rebuild even when the cache is complete"
     )
     parser.add_argument("--json", action="store_true", help="print the paths as JSON")
+    parser.add_argument("--print", dest="fields", nargs="+", metavar="FIELD",
+                        choices=[f.name for f in dataclasses.fields(SampleCorpus)],
+                        help="print only these fields, one per line (for scripts), e.g. "
+                             "--print train_prefix tokenizer_model")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
+    logging.basicConfig(  # logs go to stderr, so --print output stays clean
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its import-time INFO is noise here
@@ -55,7 +64,10 @@ def main(argv=None) -> int:
         SampleCorpusSettings(), vocab_size=args.vocab_size, heldout_percent=args.heldout_percent
     )
     corpus = ensure_sample_corpus(args.cache_dir, settings, workers=args.workers, force=args.force)
-    if args.json:
+    if args.fields:
+        for name in args.fields:
+            print(getattr(corpus, name))
+    elif args.json:
         print(json.dumps(dataclasses.asdict(corpus), indent=2))
     else:
         for name, value in dataclasses.asdict(corpus).items():

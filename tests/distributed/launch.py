@@ -1,5 +1,6 @@
 """Run worker scripts and the trainer under torchrun on gloo (CPU), as users launch training."""
 
+import functools
 import json
 import os
 import subprocess
@@ -42,6 +43,15 @@ def train(args, nproc: int = 1, timeout: int = 300, check: bool = True) -> subpr
     proc = subprocess.run(cmd + [str(a) for a in args], env=_env(), capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
     return _check(proc, "training") if check else proc
+
+
+@functools.lru_cache(maxsize=None)
+def corpus_flags() -> tuple:
+    """--data-path / --tokenizer-model of the bundled sample corpus (built once, cached)."""
+    from pose_megatron.corpus import ensure_sample_corpus
+
+    corpus = ensure_sample_corpus()
+    return ("--data-path", corpus.train_prefix, "--tokenizer-model", corpus.tokenizer_model)
 
 
 def read_metrics(path) -> dict:

@@ -16,7 +16,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from pose_megatron import runtime
 from pose_megatron._compat import enable_cpu_fallbacks
-from pose_megatron.training import forward_step
+from pose_megatron.train.step import forward_step
 from tiny_models import ROPE_CASES, TINY, pose_llama, pose_positions
 
 SEQ, MICRO, NUM_MICRO = 32, 2, 2

@@ -14,12 +14,8 @@ import torch
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from pose_megatron.data import (
-    PoseGPTDataset,
-    PoseGPTDatasetConfig,
-    build_pose_datasets,
-    make_sample_rng,
-)
+from pose_megatron.data import PoseGPTDataset, PoseGPTDatasetConfig, make_sample_rng
+from pose_megatron.loader import build_pose_datasets
 from pose_megatron.positions import PoseSampling, sample_pose
 
 SEQ, TARGET = 16, 256

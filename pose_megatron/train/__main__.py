@@ -5,7 +5,6 @@ before any process group is created.
 """
 
 import logging
-import os
 import sys
 import warnings
 
@@ -16,19 +15,20 @@ if not torch.cuda.is_available():
     # its import-time warnings about missing apex / Transformer Engine would only be noise.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
 
+from pose_megatron import runtime  # noqa: E402
 from pose_megatron._compat import enable_cpu_fallbacks  # noqa: E402
-from pose_megatron.arguments import parse_args  # noqa: E402
-from pose_megatron.training import run_training  # noqa: E402
+from pose_megatron.train.arguments import parse_args  # noqa: E402
+from pose_megatron.train.loop import run_training  # noqa: E402
 
 
 def main(argv=None) -> int:
-    first_rank = int(os.environ.get("RANK", "0")) == 0  # one copy of the setup logs, as Megatron
-    logging.basicConfig(level=logging.INFO if first_rank else logging.WARNING, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    first_rank = runtime.is_first_rank()  # one copy of the setup logs, as Megatron prints them
+    logging.basicConfig(level=logging.INFO if first_rank else logging.WARNING,
+                        format="[%(asctime)s] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
-    args = parse_args(argv)
+    run = parse_args(argv)
     enable_cpu_fallbacks()
-    saved = run_training(args)
+    saved = run_training(run)
     if saved and first_rank:
         print(f"checkpoint: {saved}", flush=True)
     return 0

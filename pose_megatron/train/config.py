@@ -1,0 +1,159 @@
+"""The trainer's own settings, and `TrainingRun`: every config a run is built from, validated once.
+
+The model, RoPE and PoSE settings are the dataclasses of the modules they configure
+(`presets.ModelConfig`, `rope.RopeScaling`, `positions.PoseSampling`); this module adds the ones only
+the trainer has. Flags are generated from these fields and their docstrings (train/arguments.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from pose_megatron.checkpoint.layout import RunConfig
+from pose_megatron.positions import PoseSampling
+from pose_megatron.presets import ModelConfig
+from pose_megatron.rope import RopeScaling
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+TOKENIZER_TYPES = ("sentencepiece", "huggingface")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over the processes."""
+
+    tensor_model_parallel_size: int = 1
+    """TP: ranks that split each layer's weights."""
+    pipeline_model_parallel_size: int = 1
+    """PP: pipeline stages (layers split in order)."""
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from."""
+
+    data_path: List[str] = field(default_factory=list)
+    """Indexed-dataset prefixes, or Megatron's "weight prefix weight prefix ..." blend
+    (tools/preprocess_data.py makes them; tools/build_sample_corpus.py prints the bundled corpus's)."""
+    split: str = "969,30,1"
+    """Train / valid / test proportions of the documents."""
+    tokenizer_type: str = field(default="sentencepiece", metadata={"choices": TOKENIZER_TYPES})
+    """sentencepiece or huggingface."""
+    tokenizer_model: Optional[str] = None
+    """Tokenizer file (sentencepiece .model) or directory (huggingface)."""
+    data_cache_path: Optional[str] = None
+    """Where dataset index caches go (default: next to the data)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (samples are cheap to cut; 0 is usually right)."""
+    min_doc_length: Optional[int] = None
+    """Skip documents shorter than this many tokens (default: seq length + 1, as the paper filtered)."""
+
+
+@dataclass
+class TrainingConfig:
+    """The optimisation run. Defaults are the PoSE paper's recipe (docs/reference.md, "Paper results")."""
+
+    train_iters: int = 1000
+    """Optimizer steps."""
+    micro_batch_size: int = 1
+    """Samples per forward pass per data-parallel rank."""
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step (default: micro batch x data-parallel size)."""
+    lr: float = 2e-5
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    lr_warmup_iters: int = 10
+    """Linear warm-up steps from 0 to lr."""
+    lr_decay_style: str = field(default="linear", metadata={"choices": LR_DECAY_STYLES})
+    """constant, linear or cosine decay after warm-up."""
+    lr_decay_iters: Optional[int] = None
+    """Steps over which lr decays to min_lr (default: train_iters)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Gradient-norm clipping threshold (0 disables)."""
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
+    """fp32, bf16 or fp16 (dynamic loss scaling); auto: bf16 on GPU, fp32 on CPU."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+    recompute_activations: bool = False
+    """Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)."""
+    seed: int = 1234
+    """Seed of initialisation and of the PoSE sampler."""
+    init_method_std: float = 0.02
+    """Std of the normal weight initialisation (models trained from scratch)."""
+    log_interval: int = 10
+    """Steps between log lines."""
+    eval_interval: int = 1000
+    """Steps between validation passes."""
+    eval_iters: int = 10
+    """Validation batches per pass (0 disables validation)."""
+    save: Optional[str] = None
+    """Checkpoint directory (Megatron layout: iter_XXXXXXX/, latest_checkpointed_iteration.txt)."""
+    save_interval: Optional[int] = None
+    """Steps between checkpoints (a checkpoint is also written at the end and on SIGTERM)."""
+    load: Optional[str] = None
+    """Checkpoint to resume from (model, optimizer, scheduler, RNG, iteration, consumed samples)."""
+    finetune: bool = False
+    """With --load: take the weights only; iteration, optimizer and schedule start afresh."""
+    no_load_optim: bool = False
+    """With --load: do not restore optimizer state (needed when TP/PP changed)."""
+    tensorboard_dir: Optional[str] = None
+    """Write TensorBoard scalars here."""
+    metrics_file: Optional[str] = None
+    """Append every step's loss, lr, grad norm, ms/it, tokens/s and peak memory as JSON lines."""
+    exit_interval: Optional[int] = None
+    """Stop (after saving) once the iteration is a multiple of this; for tests and job chaining."""
+
+    @property
+    def decay_iters(self) -> int:
+        return self.lr_decay_iters or self.train_iters
+
+
+@dataclass
+class TrainingRun:
+    """Everything one training run is built from: each config built and validated once, by the CLI
+    (train/arguments.py) or by a caller, then passed down as is."""
+
+    model: ModelConfig
+    """The architecture (vocab_size is the tokenizer's, or the loaded checkpoint's)."""
+    rope: RopeScaling
+    """The RoPE scaling trained with."""
+    pose: PoseSampling
+    """How samples are cut (seq_length is the training window)."""
+    training: TrainingConfig
+    data: DataConfig
+    parallel: ParallelConfig
+    stored: Optional[RunConfig] = None
+    """The run configuration stored in the --load checkpoint, if it has one."""
+    world_size: int = 1
+    """Processes the run was validated for."""
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // (self.parallel.tensor_model_parallel_size
+                                   * self.parallel.pipeline_model_parallel_size)
+
+    @property
+    def global_batch_size(self) -> int:
+        t = self.training
+        return t.global_batch_size or t.micro_batch_size * self.data_parallel_size
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.training.micro_batch_size * self.data_parallel_size)
+
+    @property
+    def resuming(self) -> bool:
+        """--load of a training checkpoint (not an import) without --finetune: the run continues."""
+        return (self.stored is not None and self.stored.seq_length is not None
+                and not self.training.finetune)
