@@ -20,17 +20,16 @@ import io
 import json
 import logging
 import os
-import shutil
 import sys
 import sysconfig
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 import numpy
 
+from pose_megatron.files import atomic_directory, atomic_write_text
 from pose_megatron.preprocess import PreprocessConfig, output_prefix_for_key, preprocess_jsonl
 
 logger = logging.getLogger(__name__)
@@ -218,14 +217,20 @@ def train_sentencepiece(
         stream.write(model.getvalue())
 
 
+def _read_manifest(corpus: SampleCorpus) -> Optional[dict]:
+    try:
+        with open(corpus.manifest, encoding="utf-8") as stream:
+            return json.load(stream)
+    except (OSError, ValueError):
+        return None
+
+
 def _manifest_matches(
     corpus: SampleCorpus, settings: SampleCorpusSettings, stdlib_dir: str
 ) -> bool:
     """Whether corpus.root holds a complete corpus built with `settings` from stdlib_dir."""
-    try:
-        with open(corpus.manifest, encoding="utf-8") as stream:
-            manifest = json.load(stream)
-    except (OSError, ValueError):
+    manifest = _read_manifest(corpus)
+    if manifest is None:
         return False
     required = [corpus.train_jsonl, corpus.valid_jsonl, corpus.tokenizer_model]
     for prefix in (corpus.train_prefix, corpus.valid_prefix):
@@ -280,9 +285,7 @@ def build_sample_corpus(
         )
         manifest[split] = {"documents": stats.documents, "tokens": stats.tokens}
     manifest["build_seconds"] = round(time.perf_counter() - start, 1)
-    with open(corpus.manifest + ".tmp", "w", encoding="utf-8") as stream:
-        json.dump(manifest, stream, indent=2)
-    os.replace(corpus.manifest + ".tmp", corpus.manifest)
+    atomic_write_text(corpus.manifest, json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -307,19 +310,17 @@ def ensure_sample_corpus(
         logger.info("sample corpus: reusing %s", root)
         return corpus
 
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    unique = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging = os.path.join(parent, f".{os.path.basename(root)}.tmp-{unique}")
-    os.makedirs(staging)
     try:
-        logger.info("sample corpus: building in %s (a minute or so)", staging)
-        manifest = build_sample_corpus(
-            staging, settings, workers or max(1, min(2, os.cpu_count() or 1)), stdlib_dir
-        )
-        _move_into_place(staging, root, settings, stdlib_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_directory(root, replace=True, concurrent=True) as staging:
+            logger.info("sample corpus: building in %s (a minute or so)", staging)
+            manifest = build_sample_corpus(
+                str(staging), settings, workers or max(1, min(2, os.cpu_count() or 1)), stdlib_dir
+            )
+    except FileExistsError:
+        # Another process put a corpus in place at the same moment; keep it if it is whole.
+        if not _manifest_matches(corpus, settings, stdlib_dir):
+            raise
+        manifest = _read_manifest(corpus)
     logger.info(
         "sample corpus ready in %s: %d training documents (%d tokens), %d held out (%d tokens)",
         root,
@@ -329,22 +330,3 @@ def ensure_sample_corpus(
         manifest["valid"]["tokens"],
     )
     return corpus
-
-
-def _move_into_place(
-    staging: str, root: str, settings: SampleCorpusSettings, stdlib_dir: str
-) -> None:
-    """Rename the finished staging directory to root, replacing a stale root if there is one."""
-    stale = None
-    if os.path.exists(root):
-        stale = f"{root}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(root, stale)
-    try:
-        os.rename(staging, root)
-    except OSError:
-        # Another process put a corpus in place between our two renames; keep it if it is whole.
-        if not _manifest_matches(_corpus_paths(root), settings, stdlib_dir):
-            raise
-    finally:
-        if stale is not None:
-            shutil.rmtree(stale, ignore_errors=True)

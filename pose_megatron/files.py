@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -56,31 +57,47 @@ def incomplete_name(final: PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(final: PathLike, *, replace: bool = False) -> Iterator[Path]:
+def atomic_directory(final: PathLike, *, replace: bool = False,
+                     concurrent: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name; it appears as `final` only if the block succeeds.
 
     Yields the (new, empty) temporary directory. A leftover temporary directory from an earlier,
     killed attempt is removed first. On an exception the temporary directory is removed and the
     exception propagates; `final` is untouched. With `replace`, an existing `final` is swapped out
     only after the new one is complete (it is renamed aside, the new one renamed in, then the old
-    one deleted), so no moment exists without one complete copy on disk.
+    one deleted), so no moment exists without one complete copy on disk. `concurrent` is for
+    writers that may run side by side (e.g. caches built by several processes): each gets its own
+    temporary name and none removes another's.
     """
     final = Path(final)
     if final.exists() and not replace:
         raise FileExistsError(f"{final} already exists")
-    tmp = incomplete_name(final)
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    if concurrent:
+        tmp = temporary_sibling(final, f"-{uuid.uuid4().hex[:8]}")
+    else:
+        tmp = incomplete_name(final)
+        if tmp.exists():
+            shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        aside = temporary_sibling(final, ".old")
-        os.replace(final, aside)
-        os.replace(tmp, final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    if final.exists() and not replace:  # only with `concurrent`: another writer came first
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FileExistsError(f"{final} was created by another writer meanwhile")
+    try:
+        if final.exists():
+            aside = temporary_sibling(final, f".old-{uuid.uuid4().hex[:8]}")
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except OSError as err:
+        # Only with `concurrent`: another writer put its complete copy in place first.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if final.exists():
+            raise FileExistsError(f"{final} was created by another writer meanwhile") from err
+        raise

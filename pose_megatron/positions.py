@@ -11,7 +11,7 @@ With chunk starts s_i (s_0 = 0) every token j of chunk i gets
     position_ids[j] = j + u_i      (its RoPE position)
 so both arrays are strictly increasing and the largest position is L_c - 1 + u_{N-1} <= L_t - 1.
 
-Modes (REFERENCE.md section 1):
+Modes (docs/reference.md, "PoSE sampling"):
 - num_chunks=2, content="skip": the paper's reference law. l_0 ~ U{1..ceil(L_c/2)}, the first
   chunk is unshifted, u_1 ~ U{0..L_t-L_c}, chunk 1's content ends at e ~ U{L_c..L_x}
   (v_1 = e - L_c).
@@ -145,7 +145,7 @@ def sample_pose(rng: numpy.random.Generator, doc_length: int, cfg: PoseSampling)
         source_length = min(doc_length, cfg.window)  # L_x
         max_content_skip = source_length - num_tokens if cfg.content == "skip" else 0
     else:
-        # Short document: used whole and contiguously (REFERENCE.md section 1).
+        # Short document: used whole and contiguously (docs/reference.md, "PoSE sampling").
         num_tokens = doc_length
         max_content_skip = 0
     max_position_skip = cfg.target_length - num_tokens

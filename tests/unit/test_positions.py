@@ -1,4 +1,4 @@
-"""The PoSE sampler: invariants for every mode, the exact reference law (REFERENCE.md section 1)."""
+"""The PoSE sampler: invariants for every mode, the exact reference law (docs/reference.md, "PoSE sampling")."""
 
 import itertools
 
@@ -237,7 +237,7 @@ def test_empty_document_is_rejected():
 
 
 def test_distance_coverage_matches_the_reference_figures():
-    """REFERENCE.md: at L_c=2048, L_t=16384 a sample covers d<=1023 always, d in 2048..12000 with
+    """docs/reference.md, "PoSE sampling": at L_c=2048, L_t=16384 a sample covers d<=1023 always, d in 2048..12000 with
     probability ~0.143, d=15000 ~0.097, d=16000 ~0.027 (uniform gap = uniform long distances)."""
     cfg = PoseSampling(seq_length=2048, target_length=16384)
     distances = [1023, 2048, 5000, 12000, 15000, 16000]

@@ -1,4 +1,4 @@
-"""RoPE scaling maths against the reference values (REFERENCE.md section 2) and the rotary module."""
+"""RoPE scaling maths against the reference values (docs/reference.md, "RoPE scaling") and the rotary module."""
 
 import math
 

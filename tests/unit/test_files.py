@@ -1,0 +1,56 @@
+"""Atomic writes: a reader sees the old content or the new one, never a half-written one."""
+
+import os
+
+import pytest
+
+from pose_megatron.files import atomic_directory, atomic_write_text, incomplete_name
+
+
+def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "a.txt"
+    atomic_write_text(path, "old")
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new"
+    assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_failed_directory_build_leaves_nothing(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(final) as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError("killed")
+    assert os.listdir(tmp_path) == []
+
+
+def test_directory_appears_complete_and_replaces_only_when_asked(tmp_path):
+    final = tmp_path / "out"
+    with atomic_directory(final) as tmp:
+        assert tmp != final and not final.exists()
+        (tmp / "v").write_text("1")
+    assert (final / "v").read_text() == "1"
+    with pytest.raises(FileExistsError):
+        with atomic_directory(final):
+            pass
+    with atomic_directory(final, replace=True) as tmp:
+        (tmp / "v").write_text("2")
+    assert (final / "v").read_text() == "2" and os.listdir(tmp_path) == ["out"]
+
+
+def test_leftover_of_a_killed_build_is_removed(tmp_path):
+    final = tmp_path / "out"
+    incomplete_name(final).mkdir()
+    (incomplete_name(final) / "stale").write_text("x")
+    with atomic_directory(final) as tmp:
+        assert list(tmp.iterdir()) == []
+
+
+def test_concurrent_writer_that_loses_the_race_is_told(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(FileExistsError, match="another writer"):
+        with atomic_directory(final, concurrent=True) as tmp:
+            (tmp / "mine").write_text("x")
+            final.mkdir()  # the other writer finishes first
+            (final / "theirs").write_text("y")
+    assert os.listdir(final) == ["theirs"] and os.listdir(tmp_path) == ["out"]
