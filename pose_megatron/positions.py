@@ -11,16 +11,24 @@ With chunk starts s_i (s_0 = 0) every token j of chunk i gets
     position_ids[j] = j + u_i      (its RoPE position)
 so both arrays are strictly increasing and the largest position is L_c - 1 + u_{N-1} <= L_t - 1.
 
-Modes (docs/reference.md, "PoSE sampling"):
+The laws (docs/reference.md, "PoSE sampling"), for a document of n >= L_c tokens:
 - num_chunks=2, content="skip": the paper's reference law. l_0 ~ U{1..ceil(L_c/2)}, the first
   chunk is unshifted, u_1 ~ U{0..L_t-L_c}, chunk 1's content ends at e ~ U{L_c..L_x}
   (v_1 = e - L_c).
-- num_chunks=N>2: N-1 distinct cut points uniform on 1..L_c-1; u and v are N-1 uniform draws,
-  sorted.
-- num_chunks=seq_length: RandPos (every token its own chunk, fully random increasing positions).
+- num_chunks=N>2: the paper's sequential skips, u_i ~ U{u_(i-1)..L_t-L_c} and
+  v_i ~ U{v_(i-1)..L_x-L_c} for i = 1..N-1, drawn one after the other. The paper gives no law for
+  the N chunk lengths; ours: the N-1 cut points are a uniform random (N-1)-subset of 1..L_c-1.
+- num_chunks=seq_length: RandPos as the authors' code draws it: the text is contiguous (the first
+  L_c tokens; `content` does not apply) and the positions are a uniform random sorted L_c-subset of
+  range(L_t) (every token its own chunk).
 - content="contiguous": v_i = 0 (positions skip, text does not; what instruction tuning wants).
-- documents shorter than L_c: the whole document, contiguous, split as above with n in place of L_c,
-  chunk skips uniform on 0..L_t-n; the sample is shorter than L_c and the caller pads it.
+- documents shorter than L_c (n tokens): the whole document, contiguous; the rules above with n in
+  place of L_c and position skips bounded by L_t - n (RandPos: a sorted n-subset of range(L_t)).
+  The sample is shorter than L_c and the caller pads it.
+num_chunks=1 is plain contiguous training (allowed only with target_length = seq_length).
+
+The dataset draws seq_length + 1 (token, position) pairs per sample, inputs plus the label of the
+last input (`PoseSampling.with_extra_token`): the laws above then hold at L_c + 1 and L_t + 1.
 
 Numpy only (no torch, no Megatron): the data loader calls this once per sample at L_c=4096,
 L_t=131072, so everything is vectorised over tokens.
@@ -80,6 +88,12 @@ class PoseSampling:
                 f"PoseSampling.num_chunks must be in 1..seq_length (1..{self.seq_length}), "
                 f"got {self.num_chunks}; 2 is the PoSE reference, seq_length is RandPos"
             )
+        if self.num_chunks == 1 and 1 < self.seq_length < self.target_length:
+            raise ValueError(
+                f"PoseSampling.num_chunks 1 cannot skip positions, so target_length "
+                f"{self.target_length} would be ignored; use num_chunks 2 (PoSE) or set "
+                f"target_length to seq_length ({self.seq_length}) for plain training"
+            )
         if self.content not in CONTENT_MODES:
             raise ValueError(
                 f"PoseSampling.content must be one of {CONTENT_MODES}, got {self.content!r}"
@@ -94,6 +108,11 @@ class PoseSampling:
                 f"seq_length) or an int >= seq_length ({self.seq_length}), "
                 f"got {self.content_window!r}"
             )
+
+    @property
+    def is_randpos(self) -> bool:
+        """One chunk per token: the RandPos baseline (contiguous text, random sorted positions)."""
+        return self.num_chunks == self.seq_length and self.target_length > self.seq_length
 
     @property
     def window(self) -> int:
@@ -139,23 +158,24 @@ def sample_pose(rng: numpy.random.Generator, doc_length: int, cfg: PoseSampling)
     doc_length = int(doc_length)
     if doc_length < 1:
         raise ValueError(f"sample_pose needs a document of at least 1 token, got {doc_length}")
+    num_tokens = min(cfg.seq_length, doc_length)
+    base = numpy.arange(num_tokens, dtype=numpy.int64)  # [n]
+    if cfg.is_randpos:
+        positions = rng.choice(cfg.target_length, size=num_tokens, replace=False, shuffle=False)
+        positions.sort()
+        return PoseSample(token_index=base, position_ids=positions.astype(numpy.int64),
+                          chunk_lengths=numpy.ones(num_tokens, dtype=numpy.int64))
 
-    if doc_length >= cfg.seq_length:
-        num_tokens = cfg.seq_length
-        source_length = min(doc_length, cfg.window)  # L_x
-        max_content_skip = source_length - num_tokens if cfg.content == "skip" else 0
-    else:
-        # Short document: used whole and contiguously (docs/reference.md, "PoSE sampling").
-        num_tokens = doc_length
-        max_content_skip = 0
+    max_content_skip = 0  # a short document is used whole and contiguously
+    if doc_length >= cfg.seq_length and cfg.content == "skip":
+        max_content_skip = min(doc_length, cfg.window) - num_tokens  # L_x - L_c
     max_position_skip = cfg.target_length - num_tokens
     num_chunks = min(cfg.num_chunks, num_tokens)
 
     chunk_lengths = _draw_chunk_lengths(rng, num_tokens, num_chunks)  # [k]
-    position_skips = _draw_sorted_skips(rng, num_chunks, max_position_skip)  # [k]
-    content_skips = _draw_sorted_skips(rng, num_chunks, max_content_skip)  # [k]
+    position_skips = _draw_sequential_skips(rng, num_chunks, max_position_skip)  # [k]
+    content_skips = _draw_sequential_skips(rng, num_chunks, max_content_skip)  # [k]
 
-    base = numpy.arange(num_tokens, dtype=numpy.int64)  # [n]
     if num_chunks == 2:
         # The common case, without materialising per-token repeats.
         l0 = int(chunk_lengths[0])
@@ -186,23 +206,22 @@ def _draw_chunk_lengths(
         l0 = int(rng.integers(1, (num_tokens + 1) // 2 + 1))
         return numpy.array([l0, num_tokens - l0], dtype=numpy.int64)
     if num_chunks == num_tokens:
-        # RandPos: every cut point is taken, no draw needed.
-        return numpy.ones(num_tokens, dtype=numpy.int64)
+        return numpy.ones(num_tokens, dtype=numpy.int64)  # every cut point is taken
     # N-1 distinct cut points, uniform over the subsets of 1..n-1.
     cuts = numpy.sort(rng.choice(num_tokens - 1, size=num_chunks - 1, replace=False) + 1)
     bounds = numpy.concatenate(([0], cuts, [num_tokens])).astype(numpy.int64)
     return numpy.diff(bounds)
 
 
-def _draw_sorted_skips(
+def _draw_sequential_skips(
     rng: numpy.random.Generator, num_chunks: int, max_skip: int
 ) -> numpy.ndarray:
-    """Skips [k]: 0 for chunk 0, then num_chunks-1 uniform draws on 0..max_skip, sorted."""
+    """Skips [k]: 0 for chunk 0, then skip_i ~ U{skip_(i-1) .. max_skip}, one after the other
+    (the paper's law; not sorted independent draws, which would be order statistics)."""
     skips = numpy.zeros(num_chunks, dtype=numpy.int64)
-    if num_chunks == 2 and max_skip > 0:
-        skips[1] = rng.integers(0, max_skip + 1)  # a scalar draw is 4x cheaper than size=1
-    elif num_chunks > 2 and max_skip > 0:
-        draws = rng.integers(0, max_skip + 1, size=num_chunks - 1, dtype=numpy.int64)
-        draws.sort()
-        skips[1:] = draws
+    if max_skip > 0:
+        previous = 0
+        for i in range(1, num_chunks):
+            previous = int(rng.integers(previous, max_skip + 1))  # a scalar draw: 4x cheaper
+            skips[i] = previous
     return skips

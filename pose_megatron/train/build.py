@@ -177,6 +177,9 @@ def _build_reporter(run: TrainingRun, model, progress: TrainingProgress,
         tensorboard_dir=training.tensorboard_dir, metrics_file=training.metrics_file,
     )
     parallel = run.parallel
+    if pose.is_randpos and pose.content == "skip":
+        reporter.write("RandPos (--pose-num-chunks = --seq-length): every sample's text is contiguous; "
+                       "--pose-content does not apply")
     reporter.write(
         f"PoSE training: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {num_params:,} "
         f"parameters | seq {pose.seq_length} -> target {pose.target_length}, rope "

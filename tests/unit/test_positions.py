@@ -49,7 +49,6 @@ MODES = [
     dict(num_chunks=2, content="contiguous"),
     dict(num_chunks=3, content="skip"),
     dict(num_chunks=3, content="contiguous"),
-    dict(num_chunks=1, content="skip"),
     dict(num_chunks=16, content="skip"),  # RandPos at seq_length=16
     dict(num_chunks=5, content="skip", content_window=20),
 ]
@@ -66,7 +65,7 @@ def test_invariants_hold_in_every_mode(mode, doc_length):
         assert tokens.shape == positions.shape == (n,)
         # Strictly increasing, in range, chunk 0 unshifted in both text and positions.
         assert numpy.all(numpy.diff(tokens) >= 1) and numpy.all(numpy.diff(positions) >= 1)
-        assert tokens[0] == 0 and positions[0] == 0
+        assert tokens[0] == 0 and (positions[0] == 0 or cfg.is_randpos)
         assert positions[-1] < 128
         assert tokens[-1] < min(doc_length, cfg.window)
         # Chunks: count, lengths, and contiguity inside each chunk.
@@ -76,7 +75,7 @@ def test_invariants_hold_in_every_mode(mode, doc_length):
         inside[chunk_starts(sample)[1:] - 1] = False  # the step into each new chunk
         assert numpy.all(numpy.diff(positions)[inside] == 1)
         assert numpy.all(numpy.diff(tokens)[inside] == 1)
-        if mode["content"] == "contiguous" or doc_length < 16:
+        if mode["content"] == "contiguous" or doc_length < 16 or cfg.is_randpos:
             numpy.testing.assert_array_equal(tokens, numpy.arange(n))
 
 
@@ -144,27 +143,101 @@ def test_short_documents_follow_the_reference():
     assert all(s.token_index.tolist() == [0] and s.position_ids.tolist() == [0] for s in one)
 
 
-def test_three_chunks_cut_points_and_sorted_skips():
-    """N=3: the 2 cut points are a uniform 2-subset of 1..7; u2 = max of two U{0..24} draws."""
+def sequential_pair_law(top):
+    """Joint law of (s1, s2) under the paper's sequential rule, enumerated from its text:
+    s1 ~ U{0..top}, then s2 ~ U{s1..top}."""
+    return {(a, b): 1 / (top + 1) / (top - a + 1) for a in range(top + 1) for b in range(a, top + 1)}
+
+
+def sorted_iid_pair_law(top):
+    """The old rule: two independent U{0..top} draws, sorted."""
+    return {(a, b): (1 if a == b else 2) / (top + 1) ** 2 for a in range(top + 1) for b in range(a, top + 1)}
+
+
+def assert_joint_law(pairs, pmf, label):
+    codes = {pair: i for i, pair in enumerate(sorted(pmf))}
+    outside = [p for p in pairs if p not in codes]
+    assert not outside, f"{label}: {outside[:5]} outside the support"
+    assert_law([codes[p] for p in pairs], {codes[p]: q for p, q in pmf.items()}, label)
+
+
+def skips_of(sample, arrays):
+    """(skip of chunk 1, skip of chunk 2) of a three-chunk sample, read off `arrays`."""
+    starts = chunk_starts(sample)
+    values = getattr(sample, arrays)
+    return tuple(int(values[i] - i) for i in starts[1:])
+
+
+def test_three_chunks_follow_the_papers_sequential_law():
+    """N=3, L_c=8, L_t=32, a 24-token document (L_x=24): the cut points are a uniform 2-subset of
+    1..7; (u1, u2) and (v1, v2) follow the sequential law, which the old sorted law does not."""
     cfg = PoseSampling(seq_length=8, target_length=32, num_chunks=3)
     samples = draw(cfg, 24, 20000, seed=5)
     subsets = list(itertools.combinations(range(1, 8), 2))
     code = {subset: i for i, subset in enumerate(subsets)}
     cuts = numpy.array([code[tuple(chunk_starts(s)[1:])] for s in samples])
     assert_law(cuts, {i: 1 / len(subsets) for i in range(len(subsets))}, "cut-point pair")
-    last_skip = numpy.array([s.position_ids[-1] - 7 for s in samples])
-    assert_law(last_skip, {k: ((k + 1) ** 2 - k**2) / 25**2 for k in range(25)}, "u2 = max")
-    last_content = numpy.array([s.token_index[-1] - 7 for s in samples])
-    assert_law(last_content, {k: ((k + 1) ** 2 - k**2) / 17**2 for k in range(17)}, "v2 = max")
+    assert_joint_law([skips_of(s, "position_ids") for s in samples], sequential_pair_law(24), "(u1, u2)")
+    assert_joint_law([skips_of(s, "token_index") for s in samples], sequential_pair_law(16), "(v1, v2)")
+    # The same test at the same size rejects the old law (two sorted independent draws).
+    rng = numpy.random.default_rng(5)
+    old = [tuple(sorted(rng.integers(0, 25, 2).tolist())) for _ in range(20000)]
+    with pytest.raises(AssertionError, match="rejects"):
+        assert_joint_law(old, sequential_pair_law(24), "old law")
+    assert_joint_law(old, sorted_iid_pair_law(24), "old law against itself")  # the helper is fair
 
 
-def test_randpos_gives_random_increasing_positions():
-    cfg = PoseSampling(seq_length=8, target_length=32, num_chunks=8)
-    samples = draw(cfg, 8, 20000, seed=6)
-    assert all(s.chunk_lengths.tolist() == [1] * 8 for s in samples[:100])
-    # Position of the last token: 7 + max of 7 uniform skips on 0..24.
-    last = numpy.array([s.position_ids[-1] - 7 for s in samples])
-    assert_law(last, {k: ((k + 1) ** 7 - k**7) / 25**7 for k in range(25)}, "RandPos last position")
+def test_three_chunks_mean_first_skip_at_256_to_2048():
+    """The figure that exposed the old law: mean u1 is 896 (sequential), not ~597 (sorted)."""
+    cfg = PoseSampling(seq_length=256, target_length=2048, num_chunks=3)
+    samples = draw(cfg, 256, 4000, seed=11)
+    u1 = numpy.array([skips_of(s, "position_ids")[0] for s in samples])
+    # Sequential: u1 ~ U{0..1792}, mean 896; sorted: the minimum of two draws, mean ~597.
+    assert abs(u1.mean() - 896) < 20
+
+
+def subset_law(population, size):
+    """Every sorted `size`-subset of range(population), equally likely."""
+    subsets = list(itertools.combinations(range(population), size))
+    return {subset: 1 / len(subsets) for subset in subsets}
+
+
+@pytest.mark.parametrize("doc_length", [40, 3], ids=["long-document", "short-document"])
+def test_randpos_is_a_uniform_sorted_subset_of_contiguous_text(doc_length):
+    """RandPos (N = L_c = 4, L_t = 10): contiguous text, positions a uniform sorted subset of
+    range(10) (of 4 positions, or of n = 3 for a short document), as the authors' code draws them."""
+    cfg = PoseSampling(seq_length=4, target_length=10, num_chunks=4)
+    samples = draw(cfg, doc_length, 20000, seed=6)
+    n = min(4, doc_length)
+    assert all(s.token_index.tolist() == list(range(n)) for s in samples)
+    assert all(s.chunk_lengths.tolist() == [1] * n for s in samples[:100])
+    assert_joint_law([tuple(s.position_ids.tolist()) for s in samples], subset_law(10, n), "positions")
+    # The old law (position 0 first, then j + sorted i.i.d. skips) fails the same test.
+    rng = numpy.random.default_rng(6)
+    old = [tuple((numpy.arange(n) + numpy.concatenate(([0], numpy.sort(rng.integers(0, 11 - n, n - 1))))).tolist())
+           for _ in range(20000)]
+    with pytest.raises(AssertionError):
+        assert_joint_law(old, subset_law(10, n), "old RandPos law")
+
+
+def test_randpos_ignores_content_skips():
+    cfg = PoseSampling(seq_length=8, target_length=64, num_chunks=8, content="skip")
+    assert cfg.is_randpos
+    assert all(s.token_index.tolist() == list(range(8)) for s in draw(cfg, 400, 200, seed=12))
+
+
+def test_short_documents_with_three_chunks():
+    """n = 5 < L_c = 8, N = 3: whole document; cut points a uniform 2-subset of 1..4; skips follow
+    the sequential law bounded by L_t - n = 27."""
+    cfg = PoseSampling(seq_length=8, target_length=32, num_chunks=3)
+    samples = draw(cfg, 5, 20000, seed=13)
+    assert all(s.token_index.tolist() == list(range(5)) for s in samples[:200])
+    subsets = list(itertools.combinations(range(1, 5), 2))
+    code = {subset: i for i, subset in enumerate(subsets)}
+    assert_law([code[tuple(chunk_starts(s)[1:])] for s in samples],
+               {i: 1 / len(subsets) for i in range(len(subsets))}, "short cut points")
+    assert_joint_law([skips_of(s, "position_ids") for s in samples], sequential_pair_law(27),
+                     "short (u1, u2)")
 
 
 def test_contiguous_content_keeps_text_and_skips_positions():
@@ -214,6 +287,7 @@ def test_extra_token_settings_keep_the_input_law():
     [
         (dict(seq_length=8, target_length=4), "target_length"),
         (dict(seq_length=8, target_length=32, num_chunks=0), "num_chunks"),
+        (dict(seq_length=8, target_length=32, num_chunks=1), "num_chunks"),
         (dict(seq_length=8, target_length=32, num_chunks=9), "num_chunks"),
         (dict(seq_length=8, target_length=32, content_window=7), "content_window"),
         (dict(seq_length=8, target_length=32, content="random"), "content"),
