@@ -13,9 +13,24 @@
 #   MICRO_BATCH_SIZE [1] LR [2e-5]
 # Extra arguments are passed to `python -m pose_megatron.train` (they win over the above).
 # The script creates no environment: on clusters it runs inside the project's container.
+#
+# Re-running resumes: when SAVE already holds a checkpoint it is loaded (LOAD is then ignored), and
+# a finished run says so and exits 0. SIGTERM or Ctrl-C makes the workers save and exit (0 once
+# saved), however long the save takes; a second Ctrl-C aborts at once. No process outlives the
+# script: torchrun runs in its own process group, which is cleaned up at the end.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python}
+
+# Whole numbers only (bash arithmetic below would fail with a cryptic message on "1k").
+for name in NNODES NODE_RANK MASTER_PORT GPUS_PER_NODE TP PP SEQ_LENGTH TARGET_LENGTH TRAIN_ITERS \
+            GLOBAL_BATCH_SIZE MICRO_BATCH_SIZE WARMUP LOG_INTERVAL SAVE_INTERVAL EVAL_INTERVAL; do
+  value=${!name:-}
+  if [ -n "$value" ] && ! [[ "$value" =~ ^[0-9]+$ ]]; then
+    echo "[pretrain_pose_llama] error: $name=$value must be a whole number (e.g. 1000, not 1k)" >&2
+    exit 2
+  fi
+done
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   ON_GPU=1
@@ -72,6 +87,12 @@ if [ -z "${DATA_PATH:-}" ]; then
     "$PYTHON" "$ROOT/tools/build_sample_corpus.py" --print train_prefix tokenizer_model)
 fi
 ARGS+=(--data-path $DATA_PATH --tokenizer-model "${TOKENIZER_MODEL:?DATA_PATH needs TOKENIZER_MODEL}")
+if [ -f "$SAVE/latest_checkpointed_iteration.txt" ]; then
+  if [ -n "${LOAD:-}" ] && [ "$LOAD" != "$SAVE" ]; then
+    echo "[pretrain_pose_llama] $SAVE holds a checkpoint: resuming it (LOAD=$LOAD is not used)"
+  fi
+  LOAD=$SAVE
+fi
 if [ -n "${LOAD:-}" ]; then
   ARGS+=(--load "$LOAD")
 fi
@@ -84,6 +105,33 @@ else
   RENDEZVOUS=(--nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}"
               --master-addr "${MASTER_ADDR:-localhost}" --master-port "${MASTER_PORT:-6000}")
 fi
-"$PYTHON" -m torch.distributed.run "${RENDEZVOUS[@]}" --nproc-per-node "$GPUS_PER_NODE" \
-  -m pose_megatron.train "${ARGS[@]}" "$@"
-echo "[pretrain_pose_llama] checkpoint: $SAVE (latest iteration in $SAVE/latest_checkpointed_iteration.txt)"
+
+# torchrun in its own process group: a terminal's Ctrl-C reaches only this script, which passes
+# signals to the workers themselves (torchrun would SIGKILL them 30 s after forwarding one, cutting
+# a large save short).
+setsid "$PYTHON" -m torch.distributed.run "${RENDEZVOUS[@]}" --nproc-per-node "$GPUS_PER_NODE" \
+  -m pose_megatron.train "${ARGS[@]}" "$@" &
+TORCHRUN=$!
+SIGNALS=0
+forward() {  # $1: TERM or INT
+  SIGNALS=$((SIGNALS + 1))
+  if [ "$SIGNALS" = 1 ]; then
+    echo "[pretrain_pose_llama] SIG$1: the workers save a checkpoint and stop (again to abort)" >&2
+  fi
+  pkill "-$1" -P "$TORCHRUN" 2>/dev/null || true
+}
+cleanup() {  # whatever is left of torchrun's group (e.g. a checkpoint writer of a killed rank)
+  kill -KILL -- "-$TORCHRUN" 2>/dev/null || true
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+trap cleanup EXIT
+STATUS=0
+while true; do
+  wait "$TORCHRUN" && STATUS=0 || STATUS=$?
+  kill -0 "$TORCHRUN" 2>/dev/null || break  # a trapped signal interrupts wait; torchrun goes on
+done
+if [ "$STATUS" = 0 ]; then
+  echo "[pretrain_pose_llama] checkpoint: $SAVE (latest iteration in $SAVE/latest_checkpointed_iteration.txt)"
+fi
+exit "$STATUS"

@@ -29,6 +29,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 
+from pose_megatron.data_checks import check_sample_tokens, fingerprint
 from pose_megatron.files import atomic_write_bytes, atomic_write_text
 from pose_megatron.positions import PoseSampling, sample_pose
 
@@ -61,6 +62,10 @@ class PoseGPTDatasetConfig(GPTDatasetConfig):
     min_doc_length: Optional[int] = None
     """Documents shorter than this many tokens are skipped (`--pose-min-doc-length`); None means
     sequence_length + 1, so every sample is full length, as the paper filtered its data."""
+
+    check_token_ids: bool = False
+    """Check every sample's token ids against the tokenizer's vocabulary: for data whose token
+    range is unknown (no sidecar, too large to scan; see pose_megatron/data_checks.py)."""
 
     pose_index_cache_path: Optional[str] = None
     """Where PoseGPTDataset caches its indices; None means path_to_cache, or next to the data when
@@ -102,6 +107,15 @@ class PoseGPTDatasetConfig(GPTDatasetConfig):
                 f"PoseGPTDatasetConfig.min_doc_length must be >= 1 (or None for "
                 f"sequence_length+1), got {self.min_doc_length}"
             )
+
+    @property
+    def data_fingerprints(self) -> Dict[str, list]:
+        """(size, mtime) of every .bin/.idx this config reads: part of the index cache key, so a
+        prefix rebuilt with other documents never reuses the old corpus's windows."""
+        prefixes = list(self.blend[0]) if self.blend else []
+        for blend in self.blend_per_split or []:
+            prefixes += list(blend[0]) if blend else []
+        return {prefix: fingerprint(prefix) for prefix in sorted(set(prefixes))}
 
     @property
     def pose_identifiers(self) -> Dict[str, object]:
@@ -181,7 +195,8 @@ class PoseGPTDataset(GPTDataset):
 
     @staticmethod
     def _key_config_attributes() -> List[str]:
-        return GPTDataset._key_config_attributes() + ["pose_identifiers", "min_doc_length"]
+        return GPTDataset._key_config_attributes() + ["pose_identifiers", "min_doc_length",
+                                                      "data_fingerprints"]
 
     def __len__(self) -> int:
         return int(self.sample_index.shape[0])
@@ -200,6 +215,8 @@ class PoseGPTDataset(GPTDataset):
         # Read only up to the last needed token (a view into the memory-mapped .bin).
         window = self.dataset.get(int(doc_id), offset=int(start), length=int(token_index[-1]) + 1)
         text = window[token_index].astype(numpy.int64)  # [n]
+        if self.config.check_token_ids:
+            check_sample_tokens(text, self.config.tokenizer.vocab_size, self.dataset_path, int(doc_id))
         positions = layout.position_ids  # [n]
 
         seq_length = self.config.sequence_length

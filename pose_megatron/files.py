@@ -10,11 +10,12 @@ from globbing readers, and never confused with another live writer's.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, List, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -27,6 +28,33 @@ def temporary_sibling(path: PathLike, tag: str = "") -> Path:
     """A hidden, process-specific name next to `path` (same directory, so a rename is atomic)."""
     path = Path(path)
     return path.with_name(f".{path.name}{tag}.tmp-{os.getpid()}")
+
+
+def remove_stale_temporaries(path: PathLike) -> List[Path]:
+    """Remove the temporaries of `path` (see temporary_sibling) whose writer process is gone: what
+    a killed run left behind. Live writers' temporaries are kept. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}*.tmp-*"):
+        pid = candidate.name.rsplit(".tmp-", 1)[1].split(".", 1)[0].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            if candidate.is_dir():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    candidate.unlink()
+            removed.append(candidate)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:

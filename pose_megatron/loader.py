@@ -12,6 +12,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
 from pose_megatron.data import PoseGPTDataset, PoseGPTDatasetConfig
+from pose_megatron.data_checks import check_token_range
 from pose_megatron.positions import PoseSampling
 
 
@@ -104,7 +105,10 @@ def build_pose_datasets(
     blend_cache = path_to_cache
     if len(data_prefixes) > 1 and not torch.distributed.is_initialized():
         blend_cache = None
+    # Truncated or empty files and foreign token ids fail here, naming the file, not in a step.
+    summaries = check_token_range(data_prefixes, tokenizer.vocab_size, path_to_cache)
     config = PoseGPTDatasetConfig(
+        check_token_ids=any(s.max_token is None for s in summaries.values()),
         random_seed=seed,
         sequence_length=pose.seq_length,
         blend=(list(data_prefixes), None if data_weights is None else list(data_weights)),

@@ -8,11 +8,15 @@ one document (one sequence) with megatron-core's IndexedDatasetBuilder, to
 Reading and writing stay in the main process so the output keeps input order; tokenizing fans out
 to worker processes in batches of lines (one worker runs inline: no pickling, no IPC). Outputs are
 written under temporary names and renamed only when complete, the `.idx` last: a pair that loads is
-always a whole pair.
+always a whole pair. Temporaries are removed on every failure (a full disk included), and those a
+killed run left behind are removed by the next run for the same prefix. An existing output is
+replaced only when asked (`overwrite`), and an output without a single document is an error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import multiprocessing
@@ -23,6 +27,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy
 
+from pose_megatron.data_checks import write_sidecar
+from pose_megatron.files import remove_stale_temporaries, temporary_sibling
 from pose_megatron.tokenizer import TOKENIZER_TYPES, build_tokenizer, token_dtype
 
 logger = logging.getLogger(__name__)
@@ -71,6 +77,9 @@ class PreprocessConfig:
     progress: bool = True
     """Show a tqdm progress bar (docs/s and tokens/s) on stderr."""
 
+    overwrite: bool = False
+    """Replace existing output files of the same prefix (otherwise their presence is an error)."""
+
 
 @dataclass
 class PreprocessStats:
@@ -93,6 +102,9 @@ class PreprocessStats:
 
     output_prefixes: Dict[str, str] = field(default_factory=dict)
     """The data prefix written for each json key."""
+
+    max_tokens: Dict[str, int] = field(default_factory=dict)
+    """The largest token id written for each json key (recorded in the sidecar)."""
 
 
 def output_prefix_for_key(output_prefix: str, key: str) -> str:
@@ -122,6 +134,15 @@ def validate_preprocess_config(cfg: PreprocessConfig):
         raise NotADirectoryError(
             f"output prefix directory {out_dir!r} is a file; pick another prefix"
         )
+    if not cfg.overwrite:
+        for key in cfg.json_keys:
+            final = output_prefix_for_key(cfg.output_prefix, key)
+            existing = [final + ext for ext in (".bin", ".idx") if os.path.exists(final + ext)]
+            if existing:
+                raise FileExistsError(
+                    f"{existing[0]} already exists; pass --overwrite to replace it, or choose "
+                    "another --output-prefix (datasets and index caches built from it would "
+                    "otherwise mix two corpora)")
     tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
     if cfg.prepend_bos and tokenizer.bos is None:
         raise ValueError(
@@ -207,7 +228,7 @@ def _read_batches(path: str, lines_per_task: int) -> Iterator[List[Tuple[int, by
 
 
 def _temporary_prefix(prefix: str) -> str:
-    return f"{prefix}.tmp-{os.getpid()}"
+    return str(temporary_sibling(prefix))  # .NAME.tmp-PID, then .bin / .idx
 
 
 def _commit(temporary: str, final: str) -> None:
@@ -225,18 +246,50 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
+def _discard(builders: dict, temporaries: Dict[str, str]) -> None:
+    """Close and delete every temporary output; nothing here may raise (on a full disk, closing
+    a builder flushes its buffer and fails again: the file goes anyway)."""
+    for builder in builders.values():
+        with contextlib.suppress(OSError):
+            builder.data_file.close()
+    for temporary in temporaries.values():
+        for ext in (".bin", ".idx"):
+            with contextlib.suppress(OSError):
+                _remove_quietly(temporary + ext)
+
+
+class OutputError(OSError):
+    """Writing the output failed (full disk, read-only directory); says where and what to do."""
+
+
+def _output_error(err: OSError, where: str) -> OutputError:
+    if err.errno == errno.ENOSPC:
+        advice = "free disk space or choose another --output-prefix"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        advice = "choose a writable --output-prefix"
+    else:
+        advice = "check the output location"
+    return OutputError(err.errno, f"cannot write {where}: {err.strerror or err}; {advice}")
+
+
 def preprocess_jsonl(cfg: PreprocessConfig) -> PreprocessStats:
     """Tokenize cfg.input into one .bin/.idx pair per json key; returns what was written."""
     tokenizer = validate_preprocess_config(cfg)
     # Imported here, after validation, so a bad flag fails fast and workers stay light.
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    from tqdm import tqdm
 
     dtype = token_dtype(tokenizer.vocab_size)
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
+    out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
     finals = {key: output_prefix_for_key(cfg.output_prefix, key) for key in cfg.json_keys}
     temporaries = {key: _temporary_prefix(prefix) for key, prefix in finals.items()}
     stats = PreprocessStats(output_prefixes=dict(finals))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise _output_error(err, out_dir) from None
+    for final in finals.values():
+        for path in remove_stale_temporaries(final):
+            logger.info("removed %s, left by an interrupted run", path)
 
     builders = {}
     pool = None
@@ -245,57 +298,67 @@ def preprocess_jsonl(cfg: PreprocessConfig) -> PreprocessStats:
     try:
         for key in cfg.json_keys:
             builders[key] = IndexedDatasetBuilder(temporaries[key] + ".bin", dtype=dtype)
-        batches = _read_batches(cfg.input, cfg.lines_per_task)
-        if cfg.workers == 1:
-            _init_worker(cfg, tokenizer)
-            results = map(_encode_lines, batches)
-        else:
-            pool = multiprocessing.get_context().Pool(
-                cfg.workers, initializer=_init_worker, initargs=(cfg,)
-            )
-            results = pool.imap(_encode_lines, batches)
-
-        with tqdm(
-            desc=f"preprocess {os.path.basename(cfg.input)}",
-            unit=" docs",
-            disable=not cfg.progress,
-            mininterval=1.0,
-        ) as bar:
-            for encoded in results:
-                for line_no, error, arrays in encoded:
-                    if error is not None:
-                        _handle_bad_line(cfg, line_no, error, stats)
-                        continue
-                    if any(a.size == 0 for a in arrays):
-                        stats.empty_documents += 1
-                        continue
-                    for key, array in zip(cfg.json_keys, arrays, strict=True):
-                        builders[key].add_document(array, [array.size])
-                        stats.tokens += array.size
-                    stats.documents += 1
-                bar.update(len(encoded))
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"{stats.tokens / elapsed:,.0f} tokens/s", refresh=False)
-
+        if cfg.workers > 1:
+            pool = multiprocessing.get_context().Pool(cfg.workers, initializer=_init_worker,
+                                                      initargs=(cfg,))
+        _tokenize(cfg, tokenizer, pool, builders, stats, start)
+        if stats.documents == 0:
+            raise ValueError(
+                f"{cfg.input} gave no documents ({stats.bad_lines} malformed lines skipped, "
+                f"{stats.empty_documents} empty documents skipped); nothing was written")
         for key in cfg.json_keys:
             builders[key].finalize(temporaries[key] + ".idx")
         for key in cfg.json_keys:
             _commit(temporaries[key], finals[key])
+            write_sidecar(finals[key], stats.max_tokens[key], stats.documents,
+                          {"tokenizer_model": os.path.abspath(cfg.tokenizer_model),
+                           "vocab_size": tokenizer.vocab_size, "source": "preprocess"})
         committed = True
+    except OSError as err:
+        if isinstance(err, OutputError) or err.filename == cfg.input:
+            raise
+        raise _output_error(err, cfg.output_prefix + "_*") from None
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
         if not committed:
-            for builder in builders.values():
-                builder.data_file.close()
-            for temporary in temporaries.values():
-                _remove_quietly(temporary + ".bin")
-                _remove_quietly(temporary + ".idx")
+            _discard(builders, temporaries)
 
     stats.seconds = time.perf_counter() - start
     _log_stats(cfg, stats)
     return stats
+
+
+def _tokenize(cfg: PreprocessConfig, tokenizer, pool, builders: dict, stats: PreprocessStats,
+              start: float) -> None:
+    """Tokenize every line into `builders`, in input order (in `pool`, or inline without one)."""
+    from tqdm import tqdm
+
+    batches = _read_batches(cfg.input, cfg.lines_per_task)
+    if pool is None:
+        _init_worker(cfg, tokenizer)
+        results = map(_encode_lines, batches)
+    else:
+        results = pool.imap(_encode_lines, batches)
+    with tqdm(desc=f"preprocess {os.path.basename(cfg.input)}", unit=" docs",
+              disable=not cfg.progress, mininterval=1.0) as bar:
+        for encoded in results:
+            for line_no, error, arrays in encoded:
+                if error is not None:
+                    _handle_bad_line(cfg, line_no, error, stats)
+                    continue
+                if any(a.size == 0 for a in arrays):
+                    stats.empty_documents += 1
+                    continue
+                for key, array in zip(cfg.json_keys, arrays, strict=True):
+                    builders[key].add_document(array, [array.size])
+                    stats.tokens += array.size
+                    stats.max_tokens[key] = max(stats.max_tokens.get(key, 0), int(array.max()))
+                stats.documents += 1
+            bar.update(len(encoded))
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{stats.tokens / elapsed:,.0f} tokens/s", refresh=False)
 
 
 def _handle_bad_line(
@@ -319,13 +382,7 @@ def _log_stats(cfg: PreprocessConfig, stats: PreprocessStats) -> None:
     logger.info(
         "preprocessed %s: %d documents, %d tokens in %.1f s (%.0f docs/s, %.0f tokens/s); "
         "%d malformed lines skipped, %d empty documents skipped; wrote %s",
-        cfg.input,
-        stats.documents,
-        stats.tokens,
-        stats.seconds,
-        stats.documents / seconds,
-        stats.tokens / seconds,
-        stats.bad_lines,
-        stats.empty_documents,
+        cfg.input, stats.documents, stats.tokens, stats.seconds, stats.documents / seconds,
+        stats.tokens / seconds, stats.bad_lines, stats.empty_documents,
         ", ".join(stats.output_prefixes.values()),
     )

@@ -42,6 +42,14 @@ class _PoseTokenizer(abc.ABC):
     def _load(self) -> None:
         ...
 
+    def _require_path(self, directory: bool, hint: str) -> None:
+        """FileNotFoundError / ValueError naming what was given and what this backend needs."""
+        path, kind = self.tokenizer_model, "directory" if directory else "file"
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{self.tokenizer_type} tokenizer {path!r} does not exist; {hint}")
+        if os.path.isdir(path) != directory:
+            raise ValueError(f"{self.tokenizer_type} tokenizer {path!r} is not a {kind}; {hint}")
+
     # Pickle by path: backend objects are either unpicklable or large.
     def __getstate__(self) -> Dict[str, str]:
         return {"tokenizer_model": self.tokenizer_model}
@@ -97,12 +105,14 @@ class SentencePieceTokenizer(_PoseTokenizer):
     def _load(self) -> None:
         import sentencepiece
 
-        if not os.path.isfile(self.tokenizer_model):
-            raise FileNotFoundError(
-                f"sentencepiece model {self.tokenizer_model!r} does not exist; pass the path of a "
-                f"'.model' file (e.g. tokenizer.model of a LLaMA checkpoint)"
-            )
-        self._processor = sentencepiece.SentencePieceProcessor(model_file=self.tokenizer_model)
+        self._require_path(directory=False, hint=(
+            "pass the '.model' file (e.g. tokenizer.model of a LLaMA checkpoint); for a Hugging "
+            "Face tokenizer directory use --tokenizer-type huggingface"))
+        try:
+            self._processor = sentencepiece.SentencePieceProcessor(model_file=self.tokenizer_model)
+        except (RuntimeError, OSError) as err:
+            raise ValueError(f"cannot read {self.tokenizer_model!r} as a sentencepiece model ({err}); "
+                             "is it a sentencepiece '.model' file, and complete?") from None
         # sentencepiece >= 0.2.1 returns arrays directly, 20% faster than a list of Python ints.
         try:
             self._processor.encode("", return_type="numpy")
@@ -148,12 +158,14 @@ class HuggingFaceTokenizer(_PoseTokenizer):
     def _load(self) -> None:
         import transformers
 
-        if not os.path.exists(self.tokenizer_model):
-            raise FileNotFoundError(
-                f"Hugging Face tokenizer {self.tokenizer_model!r} does not exist; pass a local "
-                f"directory holding tokenizer.json / tokenizer_config.json (no downloads here)"
-            )
-        self._tokenizer = transformers.AutoTokenizer.from_pretrained(self.tokenizer_model)
+        self._require_path(directory=True, hint=(
+            "pass a local directory holding tokenizer.json / tokenizer_config.json (no downloads "
+            "here); for a sentencepiece '.model' file use --tokenizer-type sentencepiece"))
+        try:
+            self._tokenizer = transformers.AutoTokenizer.from_pretrained(self.tokenizer_model)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot load a Hugging Face tokenizer from {self.tokenizer_model!r} "
+                             f"({err})") from None
         if self._tokenizer.eos_token_id is None:
             raise ValueError(
                 f"Hugging Face tokenizer {self.tokenizer_model!r} has no eos_token, so there is no "

@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="skip and count malformed lines instead of stopping at the first one",
     )
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing output files of the same prefix")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--log-level", default="INFO", help="logging level")
     return parser.parse_args(argv)
@@ -67,10 +69,11 @@ def main(argv=None) -> int:
         append_eod=args.append_eod,
         skip_bad_lines=args.skip_bad_lines,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     try:
         stats = preprocess_jsonl(config)
-    except (MalformedLineError, ValueError, FileNotFoundError, NotADirectoryError) as error:
+    except (MalformedLineError, ValueError, OSError) as error:  # OSError: missing / unwritable paths
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(

@@ -5,6 +5,7 @@ before any process group is created.
 """
 
 import logging
+import os
 import sys
 import warnings
 
@@ -18,7 +19,7 @@ if not torch.cuda.is_available():
 from pose_megatron import runtime  # noqa: E402
 from pose_megatron._compat import enable_cpu_fallbacks  # noqa: E402
 from pose_megatron.train.arguments import parse_args  # noqa: E402
-from pose_megatron.train.loop import run_training  # noqa: E402
+from pose_megatron.train.loop import SaveFailed, run_training  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,7 +29,13 @@ def main(argv=None) -> int:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
     run = parse_args(argv)
     enable_cpu_fallbacks()
-    saved = run_training(run)
+    try:
+        saved = run_training(run)
+    except (ValueError, FileNotFoundError, SaveFailed) as err:  # user errors: one line, no traceback
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"{rank}error: {err}", file=sys.stderr, flush=True)
+        logging.getLogger("pose_megatron.train").debug("traceback", exc_info=True)
+        return 1
     if saved and first_rank:
         print(f"checkpoint: {saved}", flush=True)
     return 0

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import tempfile
 from typing import Optional, Sequence
 
 from pose_megatron.checkpoint.layout import holds_checkpoint, load_run_config, resolve_checkpoint_dir
+from pose_megatron.files import INCOMPLETE_SUFFIX
 from pose_megatron.positions import PoseSampling
 from pose_megatron.presets import MODEL_PRESETS, ModelConfig, get_preset
 from pose_megatron.rope import RopeScaling
@@ -35,6 +37,9 @@ RENAMES = {
 # ModelConfig fields that are not flags: the tokenizer (or the checkpoint) gives the vocabulary,
 # the preset says whether the output layer is Baichuan2's NormHead.
 _NOT_MODEL_FLAGS = ("vocab_size", "norm_head")
+# Fields that fix the weights' shapes: a checkpoint's own value cannot be overridden.
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                 "ffn_hidden_size")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -142,6 +147,12 @@ def _model_config(namespace, stored, data: DataConfig) -> ModelConfig:
     overrides = group_values(namespace, "model", given_only=True)
     tokenizer_vocab = build_tokenizer(data.tokenizer_type, data.tokenizer_model).vocab_size
     if stored is not None:
+        for name in _SHAPE_FIELDS:
+            if name in overrides and overrides[name] != getattr(stored.model, name):
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {overrides[name]} contradicts the checkpoint's "
+                    f"{getattr(stored.model, name)} (its pose_config.json); --load takes the "
+                    "architecture from the checkpoint: drop the flag")
         model = dataclasses.replace(stored.model, **overrides)
         if tokenizer_vocab > model.vocab_size:
             raise ValueError(
@@ -154,8 +165,7 @@ def _model_config(namespace, stored, data: DataConfig) -> ModelConfig:
 def _check_paths(training: TrainingConfig, data: DataConfig) -> None:
     if training.finetune and not training.load:
         raise ValueError("--finetune needs --load (the checkpoint whose weights to start from)")
-    if training.load and not os.path.exists(training.load):
-        raise ValueError(f"--load {training.load} does not exist")
+    _check_load_and_save(training)
     if not data.data_path:
         raise ValueError(
             "--data-path is required (indexed-dataset prefixes from tools/preprocess_data.py); for "
@@ -165,10 +175,70 @@ def _check_paths(training: TrainingConfig, data: DataConfig) -> None:
         if not (os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx")):
             raise ValueError(f"--data-path {prefix}: no {prefix}.bin/.idx; create them with "
                              "tools/preprocess_data.py")
+        cache = data.data_cache_path or os.path.join(prefix, "cache")
+        if not _writable(cache):
+            where = "--data-cache-path" if data.data_cache_path else f"the directory of {prefix}"
+            raise ValueError(f"{where} is not writable, so the dataset index caches cannot be "
+                             "written; pass --data-cache-path DIR (a writable directory)")
     if not data.tokenizer_model:
         raise ValueError("--data-path needs --tokenizer-model (the tokenizer the data was made with)")
     if not os.path.exists(data.tokenizer_model):
         raise ValueError(f"--tokenizer-model {data.tokenizer_model} does not exist")
+    if training.eval_iters and data.split_shares[1] == 0:
+        raise ValueError(f"--split {data.split} leaves the validation split empty, but --eval-iters "
+                         f"{training.eval_iters} asks for validation; give it a share (e.g. --split "
+                         "98,2,0) or pass --eval-iters 0")
+
+
+def _check_load_and_save(training: TrainingConfig) -> None:
+    """--load names a checkpoint (or, as Megatron-LM's job chaining does, the empty --save of a
+    first submission); --save is writable and holds no other run's checkpoints."""
+    load, save = training.load, training.save
+    chained = bool(load and save and os.path.realpath(load) == os.path.realpath(save))
+    if load and not holds_checkpoint(load):
+        fresh = not os.path.exists(load) or (os.path.isdir(load) and not os.listdir(load))
+        if not (chained and fresh and not training.finetune):
+            raise ValueError(_no_checkpoint_reason(load))
+    if save:
+        if not _writable(save):
+            raise ValueError(f"--save {save} is not writable (read-only file system or no "
+                             "permission); choose a writable directory")
+        if holds_checkpoint(save) and not chained and not training.overwrite_save:
+            raise ValueError(
+                f"--save {save} already holds a checkpoint that --load does not name; resume it "
+                f"with --load {save}, choose another --save, or pass --overwrite-save to replace it")
+
+
+def _no_checkpoint_reason(load: str) -> str:
+    if not os.path.exists(load):
+        return f"--load {load} does not exist"
+    if os.path.isfile(os.path.join(load, "config.json")):
+        return (f"--load {load} is a Hugging Face model directory, not a Megatron checkpoint; convert "
+                f"it first: python tools/convert_hf_to_megatron.py --hf-dir {load} --save DIR, then "
+                "--load DIR")
+    incomplete = sorted(n for n in os.listdir(load) if n.endswith(INCOMPLETE_SUFFIX)) \
+        if os.path.isdir(load) else []
+    if incomplete:
+        return (f"--load {load} holds only an interrupted save or conversion ({incomplete[0]}); "
+                "run the conversion again, or load an earlier checkpoint")
+    return (f"--load {load} holds no checkpoint (no latest_checkpointed_iteration.txt or "
+            "metadata.json); pass a run's --save directory or a converted checkpoint")
+
+
+def _writable(path: str) -> bool:
+    """Whether `path` (existing or to be created) can be written, by a probe in its nearest
+    existing ancestor (root's os.access ignores permissions, not read-only mounts; a probe
+    sees both)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
 
 
 def _check_layout(run: TrainingRun) -> None:

@@ -23,6 +23,7 @@ from megatron.core.transformer.module import Float16Module
 from pose_megatron import runtime
 from pose_megatron.checkpoint.layout import RunConfig
 from pose_megatron.checkpoint.training_state import TrainingProgress, load_training_checkpoint
+from pose_megatron.data_checks import DataError
 from pose_megatron.loader import build_data_iterator, build_pose_datasets
 from pose_megatron.model import build_model, build_transformer_config
 from pose_megatron.presets import ModelConfig
@@ -118,6 +119,9 @@ def build_trainer(run: TrainingRun) -> Trainer:
     runtime.initialize_model_parallel(tp, pp)
     runtime.set_seed(training.seed)
 
+    # The data first: a bad file fails before the model is built.
+    tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model)
+    train_ds, valid_ds = _build_datasets(run, tokenizer)
     model, optimizer, scheduler = setup_model_and_optimizer(
         run.model, run.rope, training, run.pose.seq_length, tp, pp)
     progress = TrainingProgress()
@@ -125,9 +129,6 @@ def build_trainer(run: TrainingRun) -> Trainer:
         progress = load_training_checkpoint(
             training.load, model.module, optimizer, scheduler,
             finetune=training.finetune, no_load_optim=training.no_load_optim) or progress
-
-    tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model)
-    train_ds, valid_ds = _build_datasets(run, tokenizer)
     train_iter = build_data_iterator(
         train_ds, progress.consumed_train_samples, training.micro_batch_size,
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
@@ -148,6 +149,10 @@ def _build_datasets(run: TrainingRun, tokenizer):
     train_ds, valid_ds, _ = build_pose_datasets(
         prefixes, weights, run.data.split, sizes, training.seed, tokenizer, run.pose,
         min_doc_length=run.data.min_doc_length, path_to_cache=run.data.data_cache_path)
+    if training.eval_iters and (valid_ds is None or len(valid_ds) == 0):
+        raise DataError(f"the validation split of --split {run.data.split} holds no documents of "
+                        "the kept length, but --eval-iters asks for validation; give it a larger "
+                        "share, or pass --eval-iters 0")
     return train_ds, valid_ds
 
 

@@ -50,6 +50,25 @@ class DataConfig:
     min_doc_length: Optional[int] = None
     """Skip documents shorter than this many tokens (default: seq length + 1, as the paper filtered)."""
 
+    def __post_init__(self):
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.min_doc_length is not None and self.min_doc_length < 1:
+            raise ValueError(f"--pose-min-doc-length must be >= 1, got {self.min_doc_length}")
+
+    @property
+    def split_shares(self) -> List[float]:
+        """The train / valid / test shares of --split (Megatron's "969,30,1" or "98/1/1")."""
+        parts = self.split.replace("/", ",").split(",")
+        try:
+            shares = [float(p) for p in parts]
+        except ValueError:
+            shares = []
+        if not 1 <= len(shares) <= 3 or any(s < 0 for s in shares) or sum(shares) <= 0:
+            raise ValueError(f"--split {self.split!r} must be up to three non-negative shares with a "
+                             "positive sum, e.g. 969,30,1")
+        return shares + [0.0] * (3 - len(shares))
+
 
 @dataclass
 class TrainingConfig:
@@ -113,6 +132,20 @@ class TrainingConfig:
     """Append every step's loss, lr, grad norm, ms/it, tokens/s and peak memory as JSON lines."""
     exit_interval: Optional[int] = None
     """Stop (after saving) once the iteration is a multiple of this; for tests and job chaining."""
+    overwrite_save: bool = False
+    """Let a fresh run write into a --save that holds another run's checkpoints (replacing them)."""
+
+    def __post_init__(self):
+        positive = ("train_iters", "micro_batch_size", "log_interval", "eval_interval")
+        optional_positive = ("global_batch_size", "lr_decay_iters", "save_interval", "exit_interval")
+        for name in positive + optional_positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                hint = " (leave it out to save only at the end)" if name == "save_interval" else ""
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}{hint}")
+        for name in ("eval_iters", "lr_warmup_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
     @property
     def decay_iters(self) -> int:

@@ -7,7 +7,9 @@ through its pipeline schedule, and checkpoints follow Megatron-LM's layout (chec
 
 from __future__ import annotations
 
+import errno
 import math
+import shutil
 import signal
 import time
 from typing import Optional
@@ -16,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pose_megatron import runtime
+from pose_megatron.checkpoint.layout import read_tracker
 from pose_megatron.checkpoint.training_state import save_training_checkpoint
 from pose_megatron.train.build import Trainer, build_trainer
 from pose_megatron.train.config import TrainingRun
@@ -23,22 +26,28 @@ from pose_megatron.train.step import evaluate, train_step
 
 
 class _StopSignal:
-    """SIGTERM (a scheduler's preemption) asks the loop to save and exit after the current step."""
+    """SIGTERM (a scheduler's preemption) or a first Ctrl-C (SIGINT) asks the loop to save and exit
+    after the current step; a second one aborts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.received = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        self.received = True
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without saving")
+        self.received = signal.Signals(signum).name
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([int(self.received)], device=runtime.get_device())
+        flag = torch.tensor([int(self.received is not None)], device=runtime.get_device())
         dist.all_reduce(flag)  # all ranks stop at the same step
         return bool(flag.item())
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def run_training(run: TrainingRun) -> Optional[str]:
@@ -57,6 +66,10 @@ def run_training(run: TrainingRun) -> Optional[str]:
 def train_loop(trainer: Trainer, stop: _StopSignal) -> Optional[str]:
     """Steps until train_iters (or a stop); saves periodically, on a stop and at the end."""
     t, progress = trainer.run.training, trainer.progress
+    if progress.iteration >= t.train_iters:
+        trainer.reporter.write(f"already at iteration {progress.iteration} (--train-iters "
+                               f"{t.train_iters}): nothing to train, nothing rewritten")
+        return None
     saved, saved_at = None, None
     while progress.iteration < t.train_iters:
         _step(trainer)
@@ -67,7 +80,7 @@ def train_loop(trainer: Trainer, stop: _StopSignal) -> Optional[str]:
         if t.save and (periodic or stopping):
             saved, saved_at = _save(trainer), progress.iteration
         if stopping:
-            reason = "SIGTERM" if stop.received else "--exit-interval"
+            reason = stop.received or "--exit-interval"
             trainer.reporter.write(f"stopping at iteration {progress.iteration} ({reason})")
             return saved
     if t.save and saved_at != progress.iteration:
@@ -97,9 +110,37 @@ def _validate(trainer: Trainer) -> None:
     trainer.reporter.validation(trainer.progress.iteration, loss)
 
 
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written; says why, and what is still on disk."""
+
+
 def _save(trainer: Trainer) -> str:
-    saved = save_training_checkpoint(trainer.run.training.save, trainer.model.module,
-                                     trainer.optimizer, trainer.scheduler, trainer.progress,
-                                     trainer.run_config)
+    root, iteration = trainer.run.training.save, trainer.progress.iteration
+    try:
+        saved = save_training_checkpoint(root, trainer.model.module, trainer.optimizer,
+                                         trainer.scheduler, trainer.progress, trainer.run_config)
+    except Exception as err:
+        if not _out_of_space(err, root):
+            raise
+        latest = read_tracker(root)
+        raise SaveFailed(
+            f"no space left on device under --save {root} while saving iteration {iteration}; "
+            + (f"the latest complete checkpoint is still iteration {latest}" if latest is not None
+               else "no complete checkpoint exists yet")
+            + f": free space and resume with --load {root}") from None
     trainer.reporter.write(f"saved checkpoint {saved}")
     return str(saved)
+
+
+def _out_of_space(err: BaseException, root: str) -> bool:
+    """ENOSPC anywhere in the chain; torch's zip writer reports it only as an 'enforce fail', so
+    a full file system under `root` counts too."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(root).free < (16 << 20)
+    except OSError:
+        return False

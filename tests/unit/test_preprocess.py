@@ -232,7 +232,8 @@ def test_outputs_appear_only_when_complete(tmp_path, sp_model, monkeypatch):
     monkeypatch.setattr(preprocess_module, "_commit", checked_commit)
     stats = preprocess_jsonl(config(tmp_path, jsonl, sp_model))
     assert seen == [stats.output_prefixes["text"]]
-    assert files_under(tmp_path / "out") == ["data_text_document.bin", "data_text_document.idx"]
+    assert files_under(tmp_path / "out") == ["data_text_document.bin", "data_text_document.idx",
+                                           "data_text_document.tokens.json"]
 
 
 def test_failed_run_keeps_the_previous_pair(tmp_path, sp_model, monkeypatch):
@@ -242,16 +243,17 @@ def test_failed_run_keeps_the_previous_pair(tmp_path, sp_model, monkeypatch):
 
     bad = write_jsonl(tmp_path / "bad.jsonl", documents(TEXTS) + ["{oops"])
     with pytest.raises(MalformedLineError, match="bad.jsonl:5"):
-        preprocess_jsonl(config(tmp_path, bad, sp_model))
+        preprocess_jsonl(config(tmp_path, bad, sp_model, overwrite=True))
 
     def crash(self, idx_path):
         raise OSError("disk full")
 
     monkeypatch.setattr(IndexedDatasetBuilder, "finalize", crash)
     with pytest.raises(OSError, match="disk full"):
-        preprocess_jsonl(config(tmp_path, good, sp_model, json_keys=("text",)))
+        preprocess_jsonl(config(tmp_path, good, sp_model, json_keys=("text",), overwrite=True))
     assert {s: Path(prefix + s).read_bytes() for s in (".bin", ".idx")} == before
-    assert files_under(tmp_path / "out") == ["data_text_document.bin", "data_text_document.idx"]
+    assert files_under(tmp_path / "out") == ["data_text_document.bin", "data_text_document.idx",
+                                           "data_text_document.tokens.json"]
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------
