@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import shutil
 import signal
+import sys
 import time
 from typing import Optional
 
@@ -37,7 +39,10 @@ class _StopSignal:
 
     def _handle(self, signum, frame):
         if self.received is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without saving")
+            # At once: no cleanup that could wait on a collective with ranks that already left.
+            sys.stderr.write(f"second {signal.Signals(signum).name}: aborting without saving\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
         self.received = signal.Signals(signum).name
 
     def any_rank(self) -> bool:
