@@ -244,7 +244,7 @@ def run_training(args: RunArgs) -> Optional[str]:
         if tokenizer.vocab_size > model_cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's "
                              f"model only {model_cfg.vocab_size}: use the checkpoint's tokenizer")
-        from pose_megatron.checkpoint.convert import check_vocab_padding
+        from pose_megatron.checkpoint.vocab_padding import check_vocab_padding
 
         check_vocab_padding(stored, tp, checkpoint=training.load)
     rope = RopeScaling(**rope_settings(args))

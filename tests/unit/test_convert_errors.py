@@ -6,15 +6,14 @@ import json
 import pytest
 import torch
 
-from pose_megatron.checkpoint import convert as convert_module
-from pose_megatron.checkpoint.convert import (
-    check_vocab_padding,
-    convert_hf_to_megatron,
-    convert_megatron_to_hf,
-)
-from pose_megatron.checkpoint.hf_config import ConversionError
+from pose_megatron.checkpoint.dcp_stream import DistCheckpointReader
+from pose_megatron.checkpoint.errors import ConversionError
+from pose_megatron.checkpoint.hf_export import convert_megatron_to_hf
+from pose_megatron.checkpoint.hf_import import convert_hf_to_megatron
 from pose_megatron.checkpoint.hf_io import HFWeights
 from pose_megatron.checkpoint.layout import load_run_config, write_tracker
+from pose_megatron.checkpoint.megatron_keys import QKV
+from pose_megatron.checkpoint.vocab_padding import check_vocab_padding
 from tiny_models import ROPE_CASES, TINY, hf_llama
 
 
@@ -165,7 +164,7 @@ def test_failure_while_writing_leaves_the_previous_checkpoint(hf_dir, tmp_path, 
         convert_hf_to_megatron(hf_dir, save, dtype="bf16")
     assert sorted(p.name for p in save.iterdir()) == ["latest_checkpointed_iteration.txt", "release"]
     assert sorted(p.name for p in (save / "release").iterdir()) == before
-    assert load_run_config(save / "release").extra["dtypes"][convert_module.fam.QKV] == "fp32"
+    assert load_run_config(save / "release").extra["dtypes"][QKV] == "fp32"
     reads["n"] = 0
     with pytest.raises(OSError):  # into a new directory: nothing at all remains
         convert_hf_to_megatron(hf_dir, tmp_path / "new")
@@ -188,7 +187,7 @@ def test_export_errors(hf_dir, tmp_path, monkeypatch):
         convert_megatron_to_hf(tmp_path / "megatron", tmp_path / "busy")
 
     calls = {"n": 0}
-    real_read = convert_module.DistCheckpointReader.read
+    real_read = DistCheckpointReader.read
 
     def failing_read(self, *args):
         calls["n"] += 1
@@ -196,7 +195,7 @@ def test_export_errors(hf_dir, tmp_path, monkeypatch):
             raise OSError("disk went away")
         return real_read(self, *args)
 
-    monkeypatch.setattr(convert_module.DistCheckpointReader, "read", failing_read)
+    monkeypatch.setattr(DistCheckpointReader, "read", failing_read)
     with pytest.raises(OSError, match="disk went away"):
         convert_megatron_to_hf(tmp_path / "megatron", tmp_path / "exported")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "megatron"]  # no partial export
