@@ -82,7 +82,8 @@ def build_checkpoint(out: Path, layers: int) -> int:
 
 def child(mode: str, src: str, dst: str) -> None:
     """Run one conversion in this (fresh) process and print its time and peak RSS growth."""
-    from pose_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
+    from pose_megatron.checkpoint.hf_export import convert_megatron_to_hf
+    from pose_megatron.checkpoint.hf_import import convert_hf_to_megatron
 
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from pose_megatron.checkpoint.families import hf_to_megatron_state_dict
-from pose_megatron.checkpoint.hf_config import rope_to_hf_parameters
+from pose_megatron.checkpoint.families import FAMILIES
+from pose_megatron.checkpoint.hf_rope import rope_to_hf_parameters
+from pose_megatron.checkpoint.weights import hf_to_megatron_state_dict
 from pose_megatron.model import build_transformer_config
 from pose_megatron.presets import ModelConfig
 from pose_megatron.model import build_model
@@ -52,9 +53,9 @@ def hf_llama(cfg: ModelConfig, scaling: RopeScaling, seed: int = 0):
 
 def copy_hf_into_pose(hf_model, pose_model, cfg: ModelConfig) -> None:
     """Load a HF LLaMA's weights into a PoseGPTModel at TP=PP=1 (local layer spec), through the
-    converters' own weight mapping (pose_megatron.checkpoint.families)."""
+    converters' own weight mapping (pose_megatron.checkpoint.weights)."""
     vocab_pad = pose_model.embedding.word_embeddings.weight.shape[0]
-    ours = hf_to_megatron_state_dict("llama", cfg, hf_model.state_dict(), vocab_pad)
+    ours = hf_to_megatron_state_dict(FAMILIES["llama"], cfg, hf_model.state_dict(), vocab_pad)
     missing, unexpected = pose_model.load_state_dict(ours, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     assert not missing and not unexpected, (missing, unexpected)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Convert a Hugging Face LLaMA-1/2/3 or Baichuan-7B / Baichuan2-7B checkpoint to a megatron-core
+"""Convert a Hugging Face checkpoint of a registered family (LLaMA-1/2/3, Baichuan-7B, Baichuan2-7B) to a megatron-core
 dist checkpoint that the trainer loads with --load / --finetune (no model flags repeated).
 
     python tools/convert_hf_to_megatron.py --hf-dir models/llama-2-7b --save ckpt/llama2-7b \
@@ -10,13 +10,11 @@ read from config.json) and latest_checkpointed_iteration.txt = "release". The ch
 any TP / PP; --tp / --pp are validated against the model and fix the vocabulary padding, as Megatron
 pads it. Reads model.safetensors[.index.json] or pytorch_model.bin[.index.json] (weights only),
 one tensor at a time. The PoSE authors' released checkpoints import too (rope_scaling types linear,
-vanilla_ntk, yarn = the revised YaRN). The logic lives in pose_megatron.checkpoint.convert.
+vanilla_ntk, yarn = the revised YaRN). The logic lives in pose_megatron.checkpoint.hf_import.
 """
 
 import argparse
-import logging
 import sys
-import time
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,29 +34,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--legacy-yarn", choices=["revised", "standard"], default="revised",
                         help='meaning of rope_scaling {"type": "yarn"}: PoSE releases (revised YaRN) '
                              "or Hugging Face YaRN")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing SAVE/release (kept until the new one is complete)")
     parser.add_argument("--log-level", default="INFO", help="logging level")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(max(logging.WARNING, logging.root.level))
-    from pose_megatron.checkpoint.convert import convert_hf_to_megatron
-    from pose_megatron.checkpoint.hf_config import ConversionError
+    from pose_megatron.checkpoint.errors import run_conversion_tool
+    from pose_megatron.checkpoint.hf_import import convert_hf_to_megatron
     from pose_megatron.checkpoint.layout import load_run_config
 
-    start = time.perf_counter()
-    try:
-        ckpt = convert_hf_to_megatron(args.hf_dir, args.save, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                                      legacy_yarn=args.legacy_yarn)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
+    done = run_conversion_tool(lambda: convert_hf_to_megatron(
+        args.hf_dir, args.save, tp=args.tp, pp=args.pp, dtype=args.dtype, legacy_yarn=args.legacy_yarn,
+        overwrite=args.overwrite),
+        args.log_level)
+    if done is None:
         return 1
+    ckpt, seconds = done
     run = load_run_config(ckpt)
     model, rope = run.model, run.rope_scaling
-    print(f"wrote {ckpt} in {time.perf_counter() - start:.1f} s: {run.family}, {model.num_layers} layers, "
+    print(f"wrote {ckpt} in {seconds:.1f} s: {run.family}, {model.num_layers} layers, "
           f"hidden {model.hidden_size}, {model.num_attention_heads} heads / {model.num_query_groups} "
           f"query groups, vocab {model.vocab_size} (padded to {run.extra['padded_vocab_size']}), window "
           f"{model.max_position_embeddings}, rope {rope.rope_type} x{rope.factor:g}"

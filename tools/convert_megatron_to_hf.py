@@ -10,13 +10,12 @@ RoPE scaling for stock transformers (linear, yarn, llama3 natively; NTK as a lar
 PoSE's revised YaRN as longrope), and the tokenizer files with model_max_length updated. LLaMA
 exports load with AutoModelForCausalLM and no remote code; Baichuan exports use Baichuan's own
 layout (W_pack) and config (its modeling files come along from --tokenizer-dir). Only the model's
-tensors are read, one layer at a time. The logic lives in pose_megatron.checkpoint.convert.
+tensors are read, one layer at a time. The logic lives in pose_megatron.checkpoint.hf_export.
 """
 
 import argparse
-import logging
+import json
 import sys
-import time
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,24 +36,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(max(logging.WARNING, logging.root.level))
-    from pose_megatron.checkpoint.convert import convert_megatron_to_hf
-    from pose_megatron.checkpoint.hf_config import ConversionError
+    from pose_megatron.checkpoint.errors import run_conversion_tool
+    from pose_megatron.checkpoint.hf_export import convert_megatron_to_hf
 
-    start = time.perf_counter()
-    try:
-        out = convert_megatron_to_hf(args.load, args.save, args.tokenizer_dir, dtype=args.dtype,
-                                     max_shard_bytes=int(args.max_shard_size_gb * (1 << 30)))
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
+    done = run_conversion_tool(lambda: convert_megatron_to_hf(
+        args.load, args.save, args.tokenizer_dir, dtype=args.dtype,
+        max_shard_bytes=int(args.max_shard_size_gb * (1 << 30))), args.log_level)
+    if done is None:
         return 1
-    import json
-
+    out, seconds = done
     config = json.loads((out / "config.json").read_text())
     rope = config["rope_parameters"]
-    print(f"wrote {out} in {time.perf_counter() - start:.1f} s: {config['architectures'][0]}, "
+    print(f"wrote {out} in {seconds:.1f} s: {config['architectures'][0]}, "
           f"max_position_embeddings {config['max_position_embeddings']}, rope_type {rope['rope_type']} "
           f"(rope_theta {rope['rope_theta']:g}), {config['torch_dtype']}")
     return 0

@@ -12,6 +12,7 @@ header is written before its data and tensors are appended as they are produced;
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import math
@@ -24,8 +25,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 
 import torch
 
-from pose_megatron.checkpoint.families import TensorSource
-from pose_megatron.checkpoint.hf_config import ConversionError
+from pose_megatron.checkpoint.errors import ConversionError
 
 SAFETENSORS_DTYPES: Dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -43,6 +43,17 @@ _MAX_HEADER = 100 << 20
 # Files of a model directory that are weights or configs, not tokenizer / remote-code files.
 _NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",
                   ".distcp", ".index.json")
+
+
+class TensorSource(abc.ABC):
+    """HF tensors by name, whole or a block of rows: what the importer's pieces read from."""
+
+    @abc.abstractmethod
+    def read(self, name: str) -> torch.Tensor:
+        ...
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.read(name)[start:stop]
 
 
 @dataclass(frozen=True)

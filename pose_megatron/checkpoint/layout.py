@@ -39,7 +39,8 @@ class RunConfig:
     rope_scaling: RopeScaling
     """RoPE scaling the weights were trained (or converted) with."""
     family: str = "llama"
-    """Checkpoint family for Hugging Face export: "llama" or "baichuan"."""
+    """Hugging Face family for export: a key of checkpoint.families.FAMILIES ("llama", "baichuan",
+    "baichuan2"; older files say "baichuan" with model.norm_head for Baichuan2)."""
     seq_length: Optional[int] = None
     """Training window L_c of the run that wrote it (None for an import)."""
     target_length: Optional[int] = None

@@ -7,7 +7,6 @@ scheduler and RNG entries to the same dict; the tools here read only "model".
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -23,10 +22,8 @@ from pose_megatron.checkpoint.layout import (
     save_run_config,
     write_tracker,
 )
-
-
-def _is_writer() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+from pose_megatron.files import atomic_directory, incomplete_name
+from pose_megatron.runtime import is_first_rank
 
 
 def _barrier() -> None:
@@ -42,26 +39,27 @@ def save_sharded(
 ) -> Path:
     """Save a sharded state dict as ROOT/iter_XXXXXXX, atomically; collective over all ranks.
 
-    Written into a temporary sibling directory first; renamed and made the latest only once every
-    rank has finished, so an interrupted save never shadows the previous checkpoint.
+    Every rank writes into the first rank's temporary directory (files.atomic_directory); it is
+    renamed and made the latest only once every rank has finished, so an interrupted save never
+    shadows the previous checkpoint.
     """
     root = Path(root)
     final = root / iteration_dirname(iteration)
-    tmp = root / f".{final.name}.incomplete"
-    if _is_writer():
+
+    def write_into(tmp: Path) -> None:
+        _barrier()  # the first rank has created tmp
+        dist_checkpointing.save(sharded_state_dict, str(tmp))
+        _barrier()  # every rank has written its part
+        if is_first_rank():
+            save_run_config(tmp, run_config)
+
+    if is_first_rank():
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by an earlier interrupted save
-        tmp.mkdir()
-    _barrier()
-    dist_checkpointing.save(sharded_state_dict, str(tmp))
-    _barrier()
-    if _is_writer():
-        save_run_config(tmp, run_config)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        with atomic_directory(final, replace=True) as tmp:
+            write_into(tmp)
         write_tracker(root, iteration)
+    else:
+        write_into(incomplete_name(final))
     _barrier()
     return final
 

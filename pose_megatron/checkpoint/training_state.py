@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -21,8 +20,8 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from pose_megatron.checkpoint.layout import RunConfig, read_tracker, resolve_checkpoint_dir
-from pose_megatron.checkpoint.megatron_io import save_sharded
+from pose_megatron.checkpoint.layout import RunConfig, holds_checkpoint, resolve_checkpoint_dir
+from pose_megatron.checkpoint.megatron_io import load_model_weights, save_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ def load_training_checkpoint(load, model, optimizer, scheduler, *, finetune: boo
 
     finetune: weights only (progress starts at zero). no_load_optim: weights, schedule, progress.
     """
-    if read_tracker(load) is None and not (Path(load) / "metadata.json").exists():
+    if not holds_checkpoint(load):
         logger.warning("no checkpoint under %s; starting from scratch", load)
         return None
     ckpt = resolve_checkpoint_dir(load)
@@ -119,8 +118,7 @@ def load_training_checkpoint(load, model, optimizer, scheduler, *, finetune: boo
     saved_layout = common.get("parallel")
     same_layout = saved_layout == _layout()
     if finetune or "iteration" not in common:  # a converted checkpoint holds weights only
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
-        model.load_state_dict(state["model"])
+        load_model_weights(ckpt, model)
         logger.info("loaded weights from %s (fine-tuning: fresh optimizer and schedule)", ckpt)
         return TrainingProgress()
     load_optim = optimizer is not None and not no_load_optim

@@ -277,7 +277,7 @@ def _check_checkpoint(run: TrainingRun) -> None:
         raise ValueError(
             f"--load {run.training.load} was trained with {run.stored.rope_scaling}, this run asks "
             f"for {run.rope}; resume with the same --rope-* flags, or start a new run with --finetune")
-    from pose_megatron.checkpoint.convert import check_vocab_padding
+    from pose_megatron.checkpoint.vocab_padding import check_vocab_padding
 
     check_vocab_padding(dataclasses.replace(run.stored, model=run.model),
                         run.parallel.tensor_model_parallel_size, checkpoint=run.training.load)

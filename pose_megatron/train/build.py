@@ -21,6 +21,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from pose_megatron import runtime
+from pose_megatron.checkpoint.families import family_for_model
 from pose_megatron.checkpoint.layout import RunConfig
 from pose_megatron.checkpoint.training_state import TrainingProgress, load_training_checkpoint
 from pose_megatron.data_checks import DataError
@@ -163,7 +164,7 @@ def _run_config(run: TrainingRun) -> RunConfig:
     extra = dict(stored.extra) if stored else {}
     extra.update(tokenizer_model=os.path.abspath(run.data.tokenizer_model),
                  padded_vocab_size=run.model.padded_vocab_size(run.parallel.tensor_model_parallel_size))
-    family = stored.family if stored else ("baichuan" if run.model.norm_head else "llama")
+    family = stored.family if stored else family_for_model(run.model).name
     return RunConfig(model=run.model, rope_scaling=run.rope, family=family,
                      seq_length=run.pose.seq_length, target_length=run.pose.target_length,
                      extra=extra)

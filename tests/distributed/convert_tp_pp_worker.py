@@ -47,7 +47,7 @@ def main(ckpt: str, case_path: str, out_dir: str) -> None:
     from pose_megatron import runtime
 
     from pose_megatron._compat import enable_cpu_fallbacks
-    from pose_megatron.checkpoint.convert import check_vocab_padding
+    from pose_megatron.checkpoint.vocab_padding import check_vocab_padding
     from pose_megatron.checkpoint.layout import load_run_config, resolve_checkpoint_dir
     from pose_megatron.checkpoint.megatron_io import load_model_weights, save_model_weights
     from tiny_models import pose_llama

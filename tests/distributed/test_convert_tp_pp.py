@@ -7,7 +7,8 @@ import json
 import torch
 from launch import torchrun
 
-from pose_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
+from pose_megatron.checkpoint.hf_export import convert_megatron_to_hf
+from pose_megatron.checkpoint.hf_import import convert_hf_to_megatron
 from tiny_models import ROPE_CASES, TINY, hf_llama, pose_positions
 
 # vocab 500 pads to 512 at TP 1 and 2 (so one import serves both); GQA with 2 query groups.

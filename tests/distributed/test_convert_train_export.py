@@ -6,7 +6,8 @@ import dataclasses
 import torch
 from launch import train
 
-from pose_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
+from pose_megatron.checkpoint.hf_export import convert_megatron_to_hf
+from pose_megatron.checkpoint.hf_import import convert_hf_to_megatron
 from pose_megatron.checkpoint.layout import load_run_config, resolve_checkpoint_dir
 from pose_megatron.checkpoint.megatron_io import load_model_weights
 from pose_megatron.corpus import ensure_sample_corpus

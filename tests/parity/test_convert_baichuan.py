@@ -13,20 +13,29 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from pose_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
-from pose_megatron.checkpoint.hf_config import BAICHUAN_VERSIONS
+from pose_megatron.checkpoint.errors import ConversionError
+from pose_megatron.checkpoint.hf_export import convert_megatron_to_hf
+from pose_megatron.checkpoint.hf_import import convert_hf_to_megatron
 from pose_megatron.checkpoint.layout import load_run_config
 from pose_megatron.checkpoint.megatron_io import load_model_weights
 from tiny_models import pose_llama, pose_positions
 
 HIDDEN, HEADS, FFN, LAYERS, VOCAB, MAX_POS = 64, 4, 96, 2, 250, 128
 VERSIONS = {"baichuan-7b": "BaiChuanForCausalLM", "baichuan2-7b": "BaichuanForCausalLM"}
+FAMILY_NAMES = {"baichuan-7b": "baichuan", "baichuan2-7b": "baichuan2"}  # RunConfig.family
+# The remote-code classes of the published configs (Baichuan-7B spells its classes "BaiChuan").
+PUBLISHED_AUTO_MAP = {
+    "BaiChuanForCausalLM": {"AutoConfig": "configuration_baichuan.BaiChuanConfig",
+                            "AutoModelForCausalLM": "modeling_baichuan.BaiChuanForCausalLM"},
+    "BaichuanForCausalLM": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                            "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
+}
 
 
 def baichuan_config(arch: str) -> dict:
     """The shape of Baichuan's published config.json, at tiny sizes."""
     config = {
-        "architectures": [arch], "auto_map": BAICHUAN_VERSIONS[arch]["auto_map"],
+        "architectures": [arch], "auto_map": PUBLISHED_AUTO_MAP[arch],
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "hidden_act": "silu",
         "hidden_size": HIDDEN, "initializer_range": 0.02, "intermediate_size": FFN,
         "max_position_embeddings": MAX_POS, "model_type": "baichuan", "num_attention_heads": HEADS,
@@ -119,7 +128,7 @@ def test_baichuan_imports_computes_reference_and_exports_in_its_own_layout(megat
     write_baichuan(tmp_path / "hf", version, state)
     convert_hf_to_megatron(tmp_path / "hf", tmp_path / "megatron", tp=2)
     run = load_run_config(tmp_path / "megatron" / "release")
-    assert run.family == "baichuan" and run.model.norm_head is norm_head
+    assert run.family == FAMILY_NAMES[version] and run.model.norm_head is norm_head
     assert run.model.num_query_groups == HEADS and run.rope_scaling.rope_type == "default"
 
     model = pose_llama(run.model, run.rope_scaling).eval()
@@ -152,8 +161,6 @@ def test_baichuan_imports_computes_reference_and_exports_in_its_own_layout(megat
 
 def test_baichuan2_13b_is_rejected_because_it_uses_alibi(tmp_path):
     """Baichuan2-13B's published config: 40 layers of 5120, no max_position_embeddings."""
-    from pose_megatron.checkpoint.hf_config import ConversionError
-
     config = baichuan_config("BaichuanForCausalLM")
     del config["max_position_embeddings"]
     config.update(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
@@ -163,3 +170,28 @@ def test_baichuan2_13b_is_rejected_because_it_uses_alibi(tmp_path):
     with pytest.raises(ConversionError, match="ALiBi.*PoSE.*does not apply"):
         convert_hf_to_megatron(tmp_path / "hf", tmp_path / "megatron")
     assert not (tmp_path / "megatron").exists()
+
+
+def test_pose_config_from_before_baichuan2_had_its_own_record_still_exports(tmp_path):
+    """pose_config.json files once said family "baichuan" for both versions (model.norm_head told
+    them apart): such a Baichuan2-7B checkpoint still exports as Baichuan2-7B."""
+    state = random_baichuan_state(seed=3)
+    write_baichuan(tmp_path / "hf", "baichuan2-7b", state)
+    convert_hf_to_megatron(tmp_path / "hf", tmp_path / "megatron")
+    config_path = tmp_path / "megatron" / "release" / "pose_config.json"
+    stored = json.loads(config_path.read_text())
+    assert stored["family"] == "baichuan2" and stored["model"]["norm_head"] is True
+    config_path.write_text(json.dumps({**stored, "family": "baichuan"}))
+
+    convert_megatron_to_hf(tmp_path / "megatron", tmp_path / "back")
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["architectures"] == ["BaichuanForCausalLM"]
+    assert config["auto_map"] == PUBLISHED_AUTO_MAP["BaichuanForCausalLM"]
+    assert config["model_max_length"] == MAX_POS
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert all(torch.equal(back[name], tensor) for name, tensor in state.items())
+
+    # A family that contradicts the model's head is refused, not exported in the wrong layout.
+    config_path.write_text(json.dumps({**stored, "family": "llama"}))
+    with pytest.raises(ConversionError, match="family 'llama' but model.norm_head=True"):
+        convert_megatron_to_hf(tmp_path / "megatron", tmp_path / "wrong")

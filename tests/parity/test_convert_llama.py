@@ -15,10 +15,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pose_megatron.checkpoint import families as fam
-from pose_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
+from pose_megatron.checkpoint.families import FAMILIES
+from pose_megatron.checkpoint.hf_export import convert_megatron_to_hf
+from pose_megatron.checkpoint.hf_import import convert_hf_to_megatron
 from pose_megatron.checkpoint.layout import RunConfig, load_run_config
 from pose_megatron.checkpoint.megatron_io import load_model_weights, save_model_weights
+from pose_megatron.checkpoint.weights import hf_to_megatron_state_dict
 from tiny_models import ROPE_CASES, TINY, hf_llama, pose_llama, pose_positions
 
 SEQ, BATCH = 32, 2
@@ -97,7 +99,7 @@ def test_import_is_what_megatron_writes_and_computes_hf_logits(megatron_env, tmp
     stored = load_model_weights(tmp_path / "megatron", model)
     assert stored.rope_scaling == scaling and stored.model == cfg and stored.target_length == TARGET
 
-    expected = fam.hf_to_megatron_state_dict("llama", cfg, hf.state_dict(), 512)
+    expected = hf_to_megatron_state_dict(FAMILIES["llama"], cfg, hf.state_dict(), 512)
     for name, tensor in model.state_dict().items():
         if not name.endswith("_extra_state"):
             assert torch.equal(tensor, expected[name]), name

@@ -13,14 +13,11 @@ import json
 import pytest
 import torch
 
-from pose_megatron.checkpoint.convert import convert_hf_to_megatron
-from pose_megatron.checkpoint.hf_config import (
-    POSE_CONFIG_KEY,
-    ConversionError,
-    hf_config_for_export,
-    model_info_from_hf_config,
-    rope_to_hf_parameters,
-)
+from pose_megatron.checkpoint.errors import ConversionError
+from pose_megatron.checkpoint.families import FAMILIES
+from pose_megatron.checkpoint.hf_arch import hf_config_for_export, model_info_from_hf_config
+from pose_megatron.checkpoint.hf_import import convert_hf_to_megatron
+from pose_megatron.checkpoint.hf_rope import POSE_CONFIG_KEY, rope_to_hf_parameters
 from pose_megatron.checkpoint.megatron_io import load_model_weights
 from pose_megatron.presets import MODEL_PRESETS
 from pose_megatron.rope import RopeScaling, compute_inv_freq
@@ -64,10 +61,10 @@ def test_released_configs_map_to_our_rope_types(name):
     assert info.model.max_position_embeddings == window and info.target_length == target
     assert info.model.rotary_base == 10000.0
     if name.startswith("Baichuan2"):
-        assert info.family == "baichuan" and info.model.norm_head
+        assert info.family.name == "baichuan2" and info.model.norm_head
         assert dataclasses.replace(info.model, max_position_embeddings=4096) == MODEL_PRESETS["baichuan2-7b"]
     else:
-        assert info.family == "llama" and info.model.vocab_size == 32001
+        assert info.family.name == "llama" and info.model.vocab_size == 32001
         # The pad token makes the padding TP-dependent: 32128 at TP 1, 32256 at TP 2.
         assert (info.model.padded_vocab_size(1), info.model.padded_vocab_size(2)) == (32128, 32256)
 
@@ -100,7 +97,7 @@ def test_exports_reimport_exactly(rope_type):
     """Our config.json re-imports as what was exported; without our block, the stock fields alone
     give the same frequencies (ntk reads back as default RoPE with the NTK base)."""
     scaling = ROPE_CASES[rope_type]
-    exported = hf_config_for_export(TINY, scaling, "llama", 512, torch.bfloat16, seq_length=64)
+    exported = hf_config_for_export(TINY, scaling, FAMILIES["llama"], 512, torch.bfloat16, seq_length=64)
     info = model_info_from_hf_config(json.loads(json.dumps(exported)))
     assert info.rope_scaling == scaling and info.model == TINY and info.target_length == 512
 

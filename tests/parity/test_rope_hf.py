@@ -16,7 +16,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_apply_rotary_pos_emb
 
-from pose_megatron.checkpoint.hf_config import rope_to_hf_parameters
+from pose_megatron.checkpoint.hf_rope import rope_to_hf_parameters
 from pose_megatron.rope import (
     PoseRotaryEmbedding,
     RopeScaling,

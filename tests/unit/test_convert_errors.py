@@ -6,15 +6,14 @@ import json
 import pytest
 import torch
 
-from pose_megatron.checkpoint import convert as convert_module
-from pose_megatron.checkpoint.convert import (
-    check_vocab_padding,
-    convert_hf_to_megatron,
-    convert_megatron_to_hf,
-)
-from pose_megatron.checkpoint.hf_config import ConversionError
+from pose_megatron.checkpoint.dcp_stream import DistCheckpointReader
+from pose_megatron.checkpoint.errors import ConversionError
+from pose_megatron.checkpoint.hf_export import convert_megatron_to_hf
+from pose_megatron.checkpoint.hf_import import convert_hf_to_megatron
 from pose_megatron.checkpoint.hf_io import HFWeights
 from pose_megatron.checkpoint.layout import load_run_config, write_tracker
+from pose_megatron.checkpoint.megatron_keys import QKV
+from pose_megatron.checkpoint.vocab_padding import check_vocab_padding
 from tiny_models import ROPE_CASES, TINY, hf_llama
 
 
@@ -162,14 +161,25 @@ def test_failure_while_writing_leaves_the_previous_checkpoint(hf_dir, tmp_path, 
 
     monkeypatch.setattr(HFWeights, "read", failing_read)
     with pytest.raises(OSError, match="disk went away"):
-        convert_hf_to_megatron(hf_dir, save, dtype="bf16")
+        convert_hf_to_megatron(hf_dir, save, dtype="bf16", overwrite=True)
     assert sorted(p.name for p in save.iterdir()) == ["latest_checkpointed_iteration.txt", "release"]
     assert sorted(p.name for p in (save / "release").iterdir()) == before
-    assert load_run_config(save / "release").extra["dtypes"][convert_module.fam.QKV] == "fp32"
+    assert load_run_config(save / "release").extra["dtypes"][QKV] == "fp32"
     reads["n"] = 0
     with pytest.raises(OSError):  # into a new directory: nothing at all remains
         convert_hf_to_megatron(hf_dir, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+def test_an_existing_release_is_replaced_only_when_asked(hf_dir, tmp_path):
+    save = tmp_path / "out"
+    convert_hf_to_megatron(hf_dir, save)
+    before = (save / "release" / "pose_config.json").read_text()
+    with pytest.raises(ConversionError, match="already exists .*pass --overwrite"):
+        convert_hf_to_megatron(hf_dir, save, dtype="bf16")
+    assert (save / "release" / "pose_config.json").read_text() == before
+    convert_hf_to_megatron(hf_dir, save, dtype="bf16", overwrite=True)
+    assert load_run_config(save / "release").extra["dtypes"][QKV] == "bf16"
 
 
 def test_refuses_to_write_into_a_training_run(hf_dir, tmp_path):
@@ -188,7 +198,7 @@ def test_export_errors(hf_dir, tmp_path, monkeypatch):
         convert_megatron_to_hf(tmp_path / "megatron", tmp_path / "busy")
 
     calls = {"n": 0}
-    real_read = convert_module.DistCheckpointReader.read
+    real_read = DistCheckpointReader.read
 
     def failing_read(self, *args):
         calls["n"] += 1
@@ -196,7 +206,7 @@ def test_export_errors(hf_dir, tmp_path, monkeypatch):
             raise OSError("disk went away")
         return real_read(self, *args)
 
-    monkeypatch.setattr(convert_module.DistCheckpointReader, "read", failing_read)
+    monkeypatch.setattr(DistCheckpointReader, "read", failing_read)
     with pytest.raises(OSError, match="disk went away"):
         convert_megatron_to_hf(tmp_path / "megatron", tmp_path / "exported")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "megatron"]  # no partial export

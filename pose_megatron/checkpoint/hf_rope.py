@@ -1,0 +1,221 @@
+"""RoPE scaling <-> Hugging Face config.json, both directions, for stock transformers (no remote code).
+
+Every pose_megatron rope type has an exact stock equivalent (docs/reference.md, "RoPE scaling" and
+"Hugging Face transformers"): linear, yarn and llama3 natively; PoSE's static NTK as default RoPE with
+a larger theta; PoSE's revised YaRN as longrope with one extension factor per frequency.
+transformers 5 keeps these under `config.rope_parameters` (with `rope_theta` inside).
+
+Reading accepts transformers 4.x / 5 spellings, the PoSE authors' released configs and our own
+exports (whose POSE_CONFIG_KEY block re-imports exactly), refusing what we cannot reproduce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+from pose_megatron.checkpoint.errors import ConversionError
+from pose_megatron.rope import (
+    RopeScaling,
+    ntk_scaled_base,
+    yarn_attention_factor,
+    yarn_revised_ext_factors,
+)
+
+# The key under which exports record our own description of the RoPE (stock transformers ignores it;
+# re-importing an export reads it back exactly, e.g. NTK instead of "default with a larger theta").
+POSE_CONFIG_KEY = "pose_megatron"
+
+# rope_scaling "type" values of the PoSE authors' released checkpoints (legacy key "type", no
+# "rope_type"). Their "yarn" is the revised formula (blend of wavelengths); "vanilla_ntk" is static NTK.
+POSE_RELEASE_ROPE_TYPES = {"linear": "linear", "vanilla_ntk": "ntk", "yarn": "yarn-revised"}
+
+# Our scaled rope types -> the stock rope_type that computes the same frequencies.
+_HF_ROPE_TYPES = {"linear": "linear", "yarn": "yarn", "yarn-revised": "longrope", "llama3": "llama3"}
+
+
+def rope_to_hf_parameters(scaling: RopeScaling, rotary_base: float, head_dim: int) -> dict:
+    """The `rope_parameters` dict that makes stock transformers compute our frequencies."""
+    kind = scaling.rope_type
+    if kind in ("default", "ntk"):  # static NTK is plain RoPE with a larger base
+        theta = ntk_scaled_base(rotary_base, scaling.factor, head_dim) if kind == "ntk" else rotary_base
+        return {"rope_type": "default", "rope_theta": float(theta)}
+    if kind not in _HF_ROPE_TYPES:
+        raise ValueError(f"no Hugging Face mapping for rope_type {kind!r}")
+    params = {"rope_type": _HF_ROPE_TYPES[kind], "rope_theta": float(rotary_base), "factor": scaling.factor}
+    if kind != "linear":
+        params["original_max_position_embeddings"] = scaling.original_max_position_embeddings
+    if kind == "yarn":
+        params.update(beta_fast=scaling.beta_fast, beta_slow=scaling.beta_slow)
+    if kind == "yarn-revised":
+        factors = yarn_revised_ext_factors(scaling, head_dim, rotary_base)
+        params.update(short_factor=factors, long_factor=factors)
+    if kind in ("yarn", "yarn-revised"):
+        params["attention_factor"] = yarn_attention_factor(scaling)
+    if kind == "llama3":
+        params.update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor)
+    return params
+
+
+def _implicit_attention_factor(rope: RopeScaling) -> RopeScaling:
+    """`rope` with attention_factor None when it is the formula's value (keep it implicit)."""
+    if rope.attention_factor is not None and rope.attention_factor == yarn_attention_factor(
+            dataclasses.replace(rope, attention_factor=None)):
+        rope.attention_factor = None
+    return rope
+
+
+def rope_from_hf_config(
+    config: dict, head_dim: int, *, legacy_yarn: str = "revised"
+) -> Tuple[RopeScaling, float, int, int]:
+    """(RopeScaling, rotary base, training window L_c, target length) from a config.json.
+
+    Reads, in this order: our own export block (exact), `rope_scaling` + top-level `rope_theta`
+    (transformers 4.x and the PoSE releases; transformers 5 also prefers it when both are present),
+    then transformers 5 `rope_parameters`.
+    """
+    if legacy_yarn not in ("revised", "standard"):
+        raise ValueError(f"legacy_yarn must be 'revised' or 'standard', got {legacy_yarn!r}")
+    max_pos = config["max_position_embeddings"]
+    ours = config.get(POSE_CONFIG_KEY)
+    if ours is None:
+        return _rope_from_stock_fields(config, head_dim, max_pos, legacy_yarn)
+    try:
+        rope = RopeScaling(**ours["rope_scaling"])
+        base = float(ours["rotary_base"])
+        window = int(ours["max_position_embeddings"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"config.json {POSE_CONFIG_KEY!r} block is malformed ({e})") from e
+    # The stock fields are what transformers runs: they must say the same thing.
+    expected = rope_to_hf_parameters(rope, base, head_dim)
+    found = _stock_rope_dict(config)
+    if _normalise_stock(expected) != _normalise_stock(found):
+        raise ConversionError(
+            f"config.json's {POSE_CONFIG_KEY!r} block ({rope}, base {base}) disagrees with its stock "
+            f"RoPE fields {found}; was one of them edited? Remove the {POSE_CONFIG_KEY!r} block to "
+            "import what transformers would compute."
+        )
+    return rope, base, window, max_pos
+
+
+def _stock_rope_dict(config: dict) -> dict:
+    """The RoPE dict transformers 5 builds from a config: rope_scaling wins over rope_parameters."""
+    params = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ConversionError(f"rope_scaling / rope_parameters must be a JSON object, got {params!r}")
+    params = dict(params)
+    if "rope_type" not in params and "type" not in params and params and all(
+        isinstance(v, dict) for v in params.values()
+    ):
+        raise ConversionError("per-layer-type rope_parameters are not supported (one RoPE per model)")
+    theta = config.get("rope_theta", 10000.0)
+    params.setdefault("rope_theta", theta)
+    return params
+
+
+def _normalise_stock(params: dict) -> dict:
+    out = {k: v for k, v in params.items() if k != "type"}
+    out["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    out["rope_theta"] = float(out["rope_theta"])
+    return out
+
+
+# Keys each stock rope_type may carry (beyond rope_type / type / rope_theta), with their no-op values
+# for keys we accept only at that value.
+_ROPE_KEYS = {
+    "default": {},
+    "linear": {"factor": None},
+    "vanilla_ntk": {"factor": None},
+    "yarn": {"factor": None, "original_max_position_embeddings": None, "beta_fast": None,
+             "beta_slow": None, "attention_factor": None, "truncate": True, "mscale": 1,
+             "mscale_all_dim": 0, "finetuned": None, "extrapolation_factor": 1, "attn_factor": 1},
+    "longrope": {"factor": None, "original_max_position_embeddings": None, "short_factor": None,
+                 "long_factor": None, "attention_factor": None},
+    "llama3": {"factor": None, "original_max_position_embeddings": None, "low_freq_factor": None,
+               "high_freq_factor": None},
+}
+
+
+def _rope_from_stock_fields(config, head_dim, max_pos, legacy_yarn):
+    params = _stock_rope_dict(config)
+    legacy = "rope_type" not in params and "type" in params
+    kind = params.get("rope_type", params.get("type", "default"))
+    base = params["rope_theta"]
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
+        raise ConversionError(f"rope_theta must be a number > 1, got {base!r}")
+    base = float(base)
+    if kind == "dynamic":
+        raise ConversionError(
+            "rope_scaling type 'dynamic' (dynamic NTK) recomputes frequencies from the current "
+            "length at inference time; no fixed frequencies exist to train with. Use 'linear', "
+            "static NTK ('vanilla_ntk'), 'yarn' or 'llama3'."
+        )
+    if kind == "vanilla_ntk" and not legacy:
+        raise ConversionError("'vanilla_ntk' is only known as the legacy rope_scaling 'type' key")
+    if kind not in _ROPE_KEYS:
+        raise ConversionError(
+            f"unknown RoPE scaling type {kind!r}; supported: default, linear, vanilla_ntk (static "
+            "NTK), yarn, longrope (as exported for revised YaRN), llama3"
+        )
+    allowed = _ROPE_KEYS[kind]
+    unknown = sorted(set(params) - set(allowed) - {"rope_type", "type", "rope_theta"})
+    if unknown:
+        raise ConversionError(f"unknown field(s) {unknown} in the {kind!r} RoPE parameters {params}")
+    for key, neutral in allowed.items():
+        if neutral is not None and key in params and params[key] != neutral:
+            raise ConversionError(f"RoPE field {key}={params[key]!r} is not supported (only "
+                                  f"{neutral!r}); the frequencies would differ from pose_megatron's")
+    if kind == "default":
+        return RopeScaling("default"), base, max_pos, max_pos
+    factor = params.get("factor")
+    if factor is None and kind != "longrope":
+        raise ConversionError(f"RoPE scaling {kind!r} needs a 'factor' ({params})")
+    omax = params.get("original_max_position_embeddings")
+    if kind in ("linear", "vanilla_ntk"):
+        # PoSE releases (and most linear configs) set max_position_embeddings to the target length.
+        window = omax or max(1, round(max_pos / factor))
+        rope_type = POSE_RELEASE_ROPE_TYPES[kind] if kind == "vanilla_ntk" else "linear"
+        return _scaling(rope_type, factor=factor), base, window, max_pos
+    if kind == "llama3":
+        omax = omax or max_pos
+        return _scaling("llama3", factor=factor, original_max_position_embeddings=omax,
+                        low_freq_factor=params.get("low_freq_factor"),
+                        high_freq_factor=params.get("high_freq_factor")), base, omax, max_pos
+    if kind == "yarn":
+        omax = omax or max_pos
+        revised = legacy and legacy_yarn == "revised" and "finetuned" not in params
+        rope = _scaling("yarn-revised" if revised else "yarn", factor=factor,
+                        original_max_position_embeddings=omax,
+                        beta_fast=params.get("beta_fast", 32.0), beta_slow=params.get("beta_slow", 1.0),
+                        attention_factor=params.get("attention_factor"))
+        return _implicit_attention_factor(rope), base, omax, max_pos
+    return _rope_from_longrope(params, head_dim, base, max_pos)
+
+
+def _scaling(rope_type, **fields) -> RopeScaling:
+    fields = {k: v for k, v in fields.items() if v is not None}
+    try:
+        return RopeScaling(rope_type, **fields)
+    except ValueError as e:
+        raise ConversionError(f"invalid {rope_type!r} RoPE parameters: {e}") from e
+
+
+def _rope_from_longrope(params, head_dim, base, max_pos):
+    """longrope is accepted when it is revised YaRN (how we export it): one factor list for both."""
+    short, long_ = params.get("short_factor"), params.get("long_factor")
+    omax = params.get("original_max_position_embeddings")
+    factor = params.get("factor") or (max_pos / omax if omax else None)
+    if short != long_ or not isinstance(short, list) or omax is None or factor is None:
+        raise ConversionError(
+            "longrope is only importable as PoSE's revised YaRN: short_factor == long_factor, with "
+            "'factor' and 'original_max_position_embeddings' set"
+        )
+    rope = _scaling("yarn-revised", factor=factor, original_max_position_embeddings=omax,
+                    attention_factor=params.get("attention_factor"))
+    if [float(x) for x in short] != yarn_revised_ext_factors(rope, head_dim, base):
+        raise ConversionError(
+            "longrope factors are not the revised-YaRN factors for factor "
+            f"{factor} and original_max_position_embeddings {omax} (beta_fast 32, beta_slow 1); "
+            "arbitrary per-frequency factors (e.g. Phi-3 LongRoPE) are not a pose_megatron rope type"
+        )
+    return _implicit_attention_factor(rope), base, omax, max_pos
