@@ -1,5 +1,5 @@
 """Synthetic retrieval documents (pose_megatron.synthetic) and the far-token windows
-(pose_megatron.far_tokens) used by the small reproduction."""
+(pose_megatron.evaluation.far_tokens) used by the small reproduction."""
 
 import math
 
@@ -9,7 +9,7 @@ import pytest
 from pose_megatron import synthetic
 from pose_megatron.evaluation import passkey
 from pose_megatron.evaluation.backends import EvalBackend
-from pose_megatron.far_tokens import evaluate_far_tokens, full_window, short_windows
+from pose_megatron.evaluation.far_tokens import evaluate_far_tokens, full_window, short_windows
 
 
 @pytest.fixture(scope="module")

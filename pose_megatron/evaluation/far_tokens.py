@@ -11,7 +11,7 @@ perplexity than short-context perplexity; a model that is confused by long input
 Built on the evaluation library's public API (EvalBackend.score with ScoreRequest, windows.Window);
 run it like the evaluation tools (under torchrun the windows are split over data-parallel ranks):
 
-    python -m torch.distributed.run --nproc-per-node 2 -m pose_megatron.far_tokens \
+    python -m torch.distributed.run --nproc-per-node 2 -m pose_megatron.evaluation.far_tokens \
         --load runs/base --label base --load runs/pose --label pose \
         --data-path eval_text_document synth_text_document --data-name corpus synthetic --tokenizer-model tokenizer.model --output far.json
 """
