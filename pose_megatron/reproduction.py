@@ -11,8 +11,8 @@ Stages (each writes its outputs under --out and is skipped when they exist; --fo
 3. extend    six extensions from the pretrained weights (--finetune), same steps, schedule and tokens
              per step, on corpus + long retrieval documents: PoSE with linear / NTK / revised YaRN,
              full-length training, PI-only and RandPos
-4. evaluate  tools/eval_perplexity.py, tools/eval_passkey.py and pose_megatron.evaluation.far_tokens
-             on the base and every extended model
+4. evaluate  tools/eval_perplexity.py, tools/eval_passkey.py and tools/eval_far_tokens.py on the
+             base and every extended model
 5. report    summary.json, tables (report.md) and the figure (results.png); --docs-dir copies them
 Every training and evaluation step is a subprocess of the project's own tools (2 gloo processes).
 """
@@ -365,7 +365,7 @@ class Reproduction:
             "passkey": [str(ROOT / "tools" / "eval_passkey.py"), "--lengths", ",".join(map(str, s.passkey_lengths)),
                         "--trials", str(s.passkey_trials), "--max-new-tokens", "7", "--seed", "0"],
         }
-        far = ["-m", "pose_megatron.evaluation.far_tokens", "--far-start", str(s.target_length // 2), "--far-end", str(s.target_length),
+        far = [str(ROOT / "tools" / "eval_far_tokens.py"), "--far-start", str(s.target_length // 2), "--far-end", str(s.target_length),
                "--short-window", str(s.seq_length), "--stride", str(s.far_stride), "--num-docs", str(s.far_docs)]
         jobs["far_tokens"] = far + ["--data-path", d["eval_corpus"], d["synth_extend_valid"],
                                     "--data-name", "corpus", "synthetic"]
