@@ -1,10 +1,10 @@
 """A small end-to-end reproduction of the PoSE paper's comparison (its Table 1) on CPU.
 
-    python -m pose_megatron.reproduction --out outputs/reproduce            # the full run (~1 h, 2 cores)
-    python -m pose_megatron.reproduction --quick --out /tmp/reproduce_quick # every stage, < 3 min
+    python -m experiments.pose_small.reproduce --out outputs/reproduce            # the full run (~1 h, 2 cores)
+    python -m experiments.pose_small.reproduce --quick --out /tmp/reproduce_quick # every stage, < 3 min
 
 Stages (each writes its outputs under --out and is skipped when they exist; --force redoes all):
-1. data      the sample corpus, synthetic passkey-style retrieval documents (pose_megatron.synthetic)
+1. data      the sample corpus, synthetic passkey-style retrieval documents (synthetic.py)
              for pretraining (window-long) and extension (target-long), a held-out copy of each, and
              held-out corpus documents cut to a fixed length; all tokenized by tools/preprocess_data.py
 2. pretrain  a small LLaMA at the short window on corpus + short retrieval documents (50/50 blend)
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -216,7 +216,7 @@ class Reproduction:
     def data(self) -> dict:
         if self._done("data", self.out / "data" / "manifest.json"):
             return self.state["data"]
-        from pose_megatron import synthetic
+        from experiments.pose_small import synthetic
         from pose_megatron.corpus import ensure_sample_corpus
         from pose_megatron.tokenizer import build_tokenizer
 

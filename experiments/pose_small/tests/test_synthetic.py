@@ -1,10 +1,9 @@
-"""Synthetic retrieval documents (pose_megatron.synthetic) used by the small reproduction (the
-far-token windows are tested with their module, tests/unit/test_eval_far_tokens.py)."""
+"""The small reproduction's synthetic retrieval documents (experiments/pose_small/synthetic.py)."""
 
 import numpy as np
 import pytest
 
-from pose_megatron import synthetic
+from experiments.pose_small import synthetic
 from pose_megatron.evaluation import passkey
 
 

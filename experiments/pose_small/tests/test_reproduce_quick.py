@@ -1,4 +1,4 @@
-"""The small reproduction (pose_megatron.reproduction): its quick mode runs every stage end to end
+"""The small reproduction (experiments/pose_small): its quick mode runs every stage end to end
 (2 gloo processes per tool) and writes well-formed outputs. Nothing is asserted about the numbers."""
 
 import json
@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pose_megatron import reproduction
-from pose_megatron.reproduction import ALL_METHODS, FULL, QUICK, method_flags
+from experiments.pose_small import reproduce as reproduction
+from experiments.pose_small.reproduce import ALL_METHODS, FULL, QUICK, method_flags
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
+DRIVER = "experiments.pose_small.reproduce"
 
 
 def _flag(flags, name):
@@ -58,7 +59,7 @@ def test_training_log_parser_reads_the_trainers_lines(tmp_path):
 def test_quick_mode_runs_every_stage_and_writes_its_outputs(tmp_path):
     out, docs = tmp_path / "out", tmp_path / "docs"
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pose_megatron.reproduction", "--quick", "--out", str(out),
+    subprocess.run([sys.executable, "-m", DRIVER, "--quick", "--out", str(out),
                     "--docs-dir", str(docs)], cwd=REPO, check=True, timeout=600)
     elapsed = time.perf_counter() - started
     labels = ["base"] + QUICK.methods
@@ -90,7 +91,7 @@ def test_quick_mode_runs_every_stage_and_writes_its_outputs(tmp_path):
 
     # A second invocation finds every stage cached and only redoes the report.
     again = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pose_megatron.reproduction", "--quick", "--out", str(out)],
+    subprocess.run([sys.executable, "-m", DRIVER, "--quick", "--out", str(out)],
                    cwd=REPO, check=True, timeout=120)
     assert time.perf_counter() - again < 30
     print(f"quick reproduction: {elapsed:.0f} s")
