@@ -31,7 +31,6 @@ from pose_megatron.checkpoint.layout import RunConfig
 from pose_megatron.checkpoint.megatron_io import save_model_weights
 from pose_megatron.presets import ModelConfig
 from pose_megatron.evaluation import open_backend
-from pose_megatron.evaluation.backends import resolve_dtype
 from pose_megatron.evaluation.perplexity import evaluate_length
 from pose_megatron.rope import RopeScaling
 
@@ -100,7 +99,7 @@ def main() -> None:
     scaling = RopeScaling("linear", factor=8.0)
     rng = np.random.default_rng(0)
     doc = rng.integers(3, args.vocab, size=args.length - 1)  # one full window: BOS + W - 1 tokens
-    dtype = resolve_dtype(args.dtype)
+    dtype = runtime.dtype_from_name(args.dtype)
 
     with tempfile.TemporaryDirectory() as tmp:
         hf = build_checkpoints(cfg, scaling, Path(tmp))

@@ -11,104 +11,70 @@ heatmap results/passkey.png (accuracy by length and depth) and prints a table. T
 pose_megatron.evaluation.
 """
 
-import argparse
 import logging
 import sys
 
 from pose_megatron.evaluation import cli
-from pose_megatron.evaluation.backends import open_backend
-from pose_megatron.evaluation.passkey import (
-    PasskeyPromptBuilder,
-    answer_decoder,
-    build_prompts,
-    evaluate_passkey,
-    make_trials,
-    outcomes_to_json,
-    summarize,
-)
-from pose_megatron.evaluation.report import (
-    figure_path,
-    passkey_table,
-    plot_passkey_heatmap,
-    write_json,
-)
+from pose_megatron.evaluation.passkey import (PasskeyPromptBuilder, answer_decoder, build_prompts,
+                                              evaluate_passkey, make_trials, outcomes_to_json, summarize)
+from pose_megatron.evaluation.report import figure_path, passkey_table, plot_passkey_heatmap, write_json
+from pose_megatron.runtime import is_first_rank
 
 logger = logging.getLogger("eval_passkey")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Passkey retrieval: a key hidden in filler at a given depth; greedy decoding; "
+    parser = cli.tool_parser(
+        "Passkey retrieval: a key hidden in filler at a given depth; greedy decoding; "
         "correct when the first integer of the answer is the key.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    cli.add_common_arguments(parser)
     parser.add_argument("--trials", type=int, default=50,
                         help="prompts per length (per length and depth with --depths)")
     parser.add_argument("--depths", type=cli.parse_depths, default=None,
                         help="comma-separated key depths in [0, 1] (default: uniform random per trial)")
     parser.add_argument("--seed", type=int, default=0, help="seed of keys and random depths")
     parser.add_argument("--max-new-tokens", type=int, default=10, help="greedy tokens per answer")
-    args = parser.parse_args(argv)
-    args.checkpoints = cli.checkpoints_from_args(parser, args)
+    args = cli.parse_tool_args(parser, argv)
     if args.trials < 1 or args.max_new_tokens < 1:
         parser.error("--trials and --max-new-tokens must be >= 1")
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    cli.setup_logging(args.log_level)
+    return cli.run_tool(parse_args, evaluate, argv)
 
-    def run() -> int:
-        tokenizer = cli.resolve_tokenizer(args, args.checkpoints)
-        if tokenizer is None:
-            raise ValueError("passkey prompts are text: pass --tokenizer-model")
-        # Prompts first: a length too short for the prompt fails before any model is loaded.
-        trials = make_trials(args.lengths, args.trials, args.depths, args.seed)
-        prompts = build_prompts(PasskeyPromptBuilder(tokenizer), trials)
-        logger.info("%d prompts at lengths %s", len(prompts), args.lengths)
-        if cli.needs_distributed(args.checkpoints):
-            from pose_megatron import runtime
-            from pose_megatron._compat import enable_cpu_fallbacks
 
-            enable_cpu_fallbacks()
+def evaluate(args) -> int:
+    tokenizer = cli.required_tokenizer(args, "passkey prompts are text")
+    # Prompts first: a length too short for the prompt fails before any model is loaded.
+    trials = make_trials(args.lengths, args.trials, args.depths, args.seed)
+    prompts = build_prompts(PasskeyPromptBuilder(tokenizer), trials)
+    logger.info("%d prompts at lengths %s", len(prompts), args.lengths)
 
-            runtime.initialize_distributed()
-        results, summaries, described = {}, {}, {}
-        for spec in args.checkpoints:
-            backend = open_backend(
-                spec.kind, spec.path, spec.label, dtype=args.dtype,
-                tensor_model_parallel_size=args.tensor_model_parallel_size,
-                pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            )
-            outcomes = evaluate_passkey(
-                backend, prompts, answer_decoder(tokenizer), max_new_tokens=args.max_new_tokens,
-                stop_ids=(tokenizer.eod,), progress=not args.no_progress,
-            )
-            summary = summarize(outcomes, explicit_depths=args.depths is not None)
-            summaries[spec.label] = summary
-            results[spec.label] = {**summary.to_json(), "trials": outcomes_to_json(outcomes)}
-            described[spec.label] = backend.describe()
-            backend.close()
-        if not cli.is_main_process():
-            return 0
-        payload = {
-            "task": "passkey",
-            "protocol": {"lengths": args.lengths, "trials": args.trials, "depths": args.depths,
-                         "seed": args.seed, "max_new_tokens": args.max_new_tokens},
-            "checkpoints": described,
-            "results": results,
-        }
-        write_json(args.output, payload)
-        print(passkey_table({k: s.by_length for k, s in summaries.items()}, args.lengths))
-        print(f"wrote {args.output}")
-        heatmap = figure_path(args.output)
-        if not args.no_plot and plot_passkey_heatmap({k: s.by_depth for k, s in summaries.items()}, heatmap):
-            print(f"wrote {heatmap}")
+    def answer(backend) -> tuple:
+        outcomes = evaluate_passkey(backend, prompts, answer_decoder(tokenizer), max_new_tokens=args.max_new_tokens,
+                                    stop_ids=(tokenizer.eod,), progress=not args.no_progress)
+        return summarize(outcomes, explicit_depths=args.depths is not None), outcomes
+
+    answered, described = cli.evaluate_checkpoints(args, answer)
+    if not is_first_rank():
         return 0
-
-    return cli.run(run)
+    summaries = {label: summary for label, (summary, _) in answered.items()}
+    payload = {
+        "task": "passkey",
+        "protocol": {"lengths": args.lengths, "trials": args.trials, "depths": args.depths,
+                     "seed": args.seed, "max_new_tokens": args.max_new_tokens},
+        "checkpoints": described,
+        "results": {label: {**summary.to_json(), "trials": outcomes_to_json(outcomes)}
+                    for label, (summary, outcomes) in answered.items()},
+    }
+    write_json(args.output, payload)
+    print(passkey_table({k: s.by_length for k, s in summaries.items()}, args.lengths))
+    print(f"wrote {args.output}")
+    heatmap = figure_path(args.output)
+    if not args.no_plot and plot_passkey_heatmap({k: s.by_depth for k, s in summaries.items()}, heatmap):
+        print(f"wrote {heatmap}")
+    return 0
 
 
 if __name__ == "__main__":

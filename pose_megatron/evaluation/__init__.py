@@ -1,19 +1,31 @@
-"""Long-context evaluation: sliding-window perplexity and passkey retrieval (REFERENCE.md section 3).
+"""Long-context evaluation: sliding-window perplexity, passkey retrieval and far-token scoring
+(docs/reference.md, "Evaluation protocols").
 
+- backend.py     the model interface (score windows, greedy-generate) and the registry of backends
+                 by name; megatron_backend.py ("megatron": checkpoints at any TP / PP / DP) and
+                 hf_backend.py ("hf": transformers) register themselves and are imported on first use
 - windows.py     the perplexity protocol's window bookkeeping (pure, no torch)
+- scoring.py     NLL sums over planned windows, split over data-parallel replicas
 - documents.py   evaluation documents from a .bin/.idx prefix or a JSONL file
-- backends.py    the model interface (score windows, greedy-generate) and its factory;
-                 megatron_backend.py (checkpoints at any TP / PP / DP), hf_backend.py (transformers)
 - perplexity.py  the perplexity driver;  passkey.py  prompts, trials, scoring
-- report.py      JSON, tables, PNG figures;  cli.py  what the two tools share
+- far_tokens.py  the same far tokens scored with full and with short context
+- report.py      JSON, tables, PNG figures;  cli.py  flags and the per-checkpoint loop of the tools
 """
 
-from pose_megatron.evaluation.backends import EvalBackend, ScoreRequest, open_backend
+from pose_megatron.evaluation.backend import (
+    BACKENDS,
+    BackendOptions,
+    EvalBackend,
+    ScoreRequest,
+    open_backend,
+    register_backend,
+)
 from pose_megatron.evaluation.documents import (
     DocumentSet,
     NoUsableDocumentsError,
     load_documents,
 )
+from pose_megatron.evaluation.far_tokens import FarTokenResult, evaluate_far_tokens
 from pose_megatron.evaluation.passkey import (
     PasskeyPromptBuilder,
     evaluate_passkey,
@@ -29,14 +41,18 @@ from pose_megatron.evaluation.perplexity import (
 from pose_megatron.evaluation.windows import Window, plan_windows
 
 __all__ = [
+    "BACKENDS",
+    "BackendOptions",
     "DocumentSet",
     "EvalBackend",
     "ExtrapolationWarning",
+    "FarTokenResult",
     "NoUsableDocumentsError",
     "PasskeyPromptBuilder",
     "PerplexityResult",
     "ScoreRequest",
     "Window",
+    "evaluate_far_tokens",
     "evaluate_passkey",
     "evaluate_perplexity",
     "first_integer",
@@ -44,5 +60,6 @@ __all__ = [
     "make_trials",
     "open_backend",
     "plan_windows",
+    "register_backend",
     "summarize",
 ]

@@ -1,7 +1,10 @@
-"""Command-line pieces shared by tools/eval_perplexity.py and tools/eval_passkey.py.
+"""Command-line pieces shared by tools/eval_perplexity.py, tools/eval_passkey.py and
+tools/eval_far_tokens.py: the common flags, the tokenizer, and the one per-checkpoint loop.
 
 Checkpoints are given in order, mixing kinds: `--load DIR` (pose_megatron / Megatron checkpoint) and
-`--hf-dir DIR` (Hugging Face directory), each optionally followed by its own `--label NAME`.
+`--hf-dir DIR` (Hugging Face directory), each optionally followed by its own `--label NAME`. A tool
+prepares its inputs (data, prompts) first, so bad input fails before any model is loaded, then hands
+`evaluate_checkpoints` the function that evaluates one open backend.
 """
 
 from __future__ import annotations
@@ -11,21 +14,29 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
-from pose_megatron.evaluation.backends import DTYPES
+from pose_megatron import runtime
+from pose_megatron._compat import enable_cpu_fallbacks
+from pose_megatron.evaluation.backend import EvalBackend, default_label, open_backend
 
 logger = logging.getLogger("pose_megatron.evaluation")
+
+Result = TypeVar("Result")
 
 
 @dataclass
 class CheckpointSpec:
+    """One checkpoint to evaluate, as the command line named it."""
+
     kind: str
-    """"megatron" (--load) or "hf" (--hf-dir)."""
+    """"megatron" (--load) or "hf" (--hf-dir): the backend's registered name."""
     path: str
+    """The checkpoint directory."""
     label: Optional[str] = None
+    """Its name in tables, plots and JSON (--label; default: its directory name)."""
 
 
 class _AddCheckpoint(argparse.Action):
@@ -77,7 +88,9 @@ def parse_depths(text: str) -> List[float]:
     return sorted(set(depths))
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, with_lengths: bool = True) -> None:
+    """The flags every evaluation tool takes; `with_lengths` adds the required --lengths (tools
+    that score a fixed range, like the far-token tool, have no lengths)."""
     group = parser.add_argument_group("checkpoints (repeatable, evaluated in order)")
     group.add_argument("--load", action=_AddCheckpoint, const="megatron", metavar="DIR",
                        help="a pose_megatron checkpoint: a --save root or one of its iter_* directories")
@@ -85,8 +98,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a Hugging Face model directory (transformers AutoModelForCausalLM)")
     group.add_argument("--label", action=_AddLabel, metavar="NAME",
                        help="name of the checkpoint given just before (default: its directory name)")
-    parser.add_argument("--lengths", type=parse_lengths, required=True,
-                        help="comma-separated token lengths, e.g. 2048,4096,8k,16k")
+    if with_lengths:
+        parser.add_argument("--lengths", type=parse_lengths, required=True,
+                            help="comma-separated token lengths, e.g. 2048,4096,8k,16k")
     parser.add_argument("--tokenizer-model", default=None,
                         help="sentencepiece .model file or Hugging Face tokenizer directory "
                              "(default: the first checkpoint's: an --hf-dir's own, or the one a "
@@ -99,18 +113,31 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1,
                         help="TP for --load checkpoints (launch world size = TP x PP x DP with torchrun)")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP for --load checkpoints")
-    parser.add_argument("--dtype", default="auto", choices=["auto"] + sorted(DTYPES),
+    parser.add_argument("--dtype", default="auto", choices=["auto"] + sorted(runtime.DTYPES),
                         help="compute dtype (auto: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--log-level", default="INFO")
+
+
+def parse_tool_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse a tool's flags; `args.checkpoints` holds the checkpoints in command-line order."""
+    args = parser.parse_args(argv)
+    args.checkpoints = checkpoints_from_args(parser, args)
+    return args
+
+
+def tool_parser(description: str, with_lengths: bool = True) -> argparse.ArgumentParser:
+    """An evaluation tool's parser holding the common flags (add_common_arguments)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_arguments(parser, with_lengths=with_lengths)
+    return parser
 
 
 def checkpoints_from_args(parser: argparse.ArgumentParser, args) -> List[CheckpointSpec]:
     specs = getattr(args, "checkpoints", None) or []
     if not specs:
         parser.error("give at least one checkpoint: --load DIR or --hf-dir DIR")
-    from pose_megatron.evaluation.backends import default_label
-
     for spec in specs:
         spec.label = spec.label or default_label(spec.path)
     labels = [s.label for s in specs]
@@ -159,10 +186,18 @@ def resolve_tokenizer(args, specs: Sequence[CheckpointSpec]):
     return build_tokenizer(kind, path)
 
 
+def required_tokenizer(args, why: str):
+    """resolve_tokenizer, or a ValueError saying why this tool needs one and to pass --tokenizer-model."""
+    tokenizer = resolve_tokenizer(args, args.checkpoints)
+    if tokenizer is None:
+        raise ValueError(f"{why}: pass --tokenizer-model")
+    return tokenizer
+
+
 def setup_logging(level: str) -> None:
-    rank = int(os.environ.get("RANK", "0"))
+    """`level` on the first rank; warnings only elsewhere (one copy of each info line)."""
     logging.basicConfig(
-        level=level.upper() if rank == 0 else "WARNING",
+        level=level.upper() if runtime.is_first_rank() else "WARNING",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
@@ -172,22 +207,52 @@ def needs_distributed(specs: Sequence[CheckpointSpec]) -> bool:
     return any(s.kind == "megatron" for s in specs) or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def is_main_process() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+def start_distributed(specs: Sequence[CheckpointSpec]) -> None:
+    """torch.distributed for the checkpoints that need it; on CPU with megatron-core's CUDA-only
+    calls redirected first (runtime.initialize_distributed refuses CPU otherwise)."""
+    if needs_distributed(specs):
+        enable_cpu_fallbacks()
+        runtime.initialize_distributed()
 
 
-def run(main: Callable[[], int]) -> int:
-    """Run a tool's main: user errors become one line on stderr and exit status 2. Tears down
-    torch.distributed if the run started it (not when a caller, e.g. a test, had it running)."""
+def evaluate_checkpoints(
+    args, evaluate: Callable[[EvalBackend], Result]
+) -> Tuple[Dict[str, Result], Dict[str, dict]]:
+    """The per-checkpoint loop of every evaluation tool (collective under torchrun): for each
+    checkpoint of `args.checkpoints` in order, open its backend, `evaluate(backend)`, record
+    `describe()`, close it (the next checkpoint may need the memory). Returns (results, described),
+    both keyed by label in checkpoint order."""
+    start_distributed(args.checkpoints)
+    results: Dict[str, Result] = {}
+    described: Dict[str, dict] = {}
+    for spec in args.checkpoints:
+        backend = open_backend(
+            spec.kind, spec.path, spec.label, dtype=args.dtype,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        )
+        try:
+            results[spec.label] = evaluate(backend)
+            described[spec.label] = backend.describe()
+        finally:
+            backend.close()
+    return results, described
+
+
+def run_tool(parse_args: Callable[[Optional[Sequence[str]]], argparse.Namespace],
+             evaluate: Callable[[argparse.Namespace], int], argv: Optional[Sequence[str]] = None) -> int:
+    """A tool's main: parse its flags, log at --log-level, run `evaluate(args)`. User errors become
+    one line on stderr and exit status 2. Tears down torch.distributed if the run started it (not
+    when a caller, e.g. a test, had it running)."""
+    args = parse_args(argv)
+    setup_logging(args.log_level)
     started_here = not torch.distributed.is_initialized()
     try:
-        return main()
+        return evaluate(args)
     except (ValueError, FileNotFoundError) as error:
         logger.debug("user error", exc_info=True)
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
         if started_here and torch.distributed.is_initialized():
-            from pose_megatron import runtime
-
             runtime.destroy()

@@ -1,14 +1,16 @@
 """Evaluation backend for a Hugging Face model directory (transformers AutoModelForCausalLM).
 
 Every forward passes an explicit all-ones attention mask and explicit position ids. Without the
-mask transformers 5 infers packed sequences from position ids (REFERENCE.md section 2); with it, and
+mask transformers 5 infers packed sequences from position ids (docs/reference.md, "Hugging Face
+transformers"); with it, and
 SDPA attention, transformers hands SDPA `is_causal=True` and builds no [s, s] mask.
 
 Scoring runs the decoder for the final hidden states and applies the LM head to chunks of the scored
 positions, so a 128k window never holds [s, vocab] logits at once. That split is exact only for
 models whose logits are `lm_head(hidden)` with nothing after it; other model types score through
 the full forward with `logits_to_keep` (logits of the scored positions only).
-Under torchrun every rank holds a replica and takes its share of windows and trials.
+Under torchrun every rank holds a replica and takes its share of windows and trials. Registered as
+the "hf" backend (`--hf-dir`).
 """
 
 from __future__ import annotations
@@ -21,13 +23,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pose_megatron.evaluation.backends import (
-    LOGIT_BUDGET_ELEMENTS,
-    EvalBackend,
-    ScoreRequest,
-    chunk_rows,
-    resolve_dtype,
-)
+from pose_megatron.evaluation.backend import (LOGIT_BUDGET_ELEMENTS, BackendOptions, EvalBackend,
+                                              ScoreRequest, chunk_rows, register_backend)
+from pose_megatron.runtime import dtype_from_name
 
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 """model_type values whose logits are exactly lm_head(final hidden states)."""
@@ -50,7 +48,7 @@ class HFBackend(EvalBackend):
         if torch.cuda.is_available():
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.model = AutoModelForCausalLM.from_pretrained(
-            hf_dir, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
+            hf_dir, dtype=dtype_from_name(dtype), attn_implementation=attn_implementation
         ).to(self.device)
         self.model.eval()
         config = self.model.config
@@ -119,3 +117,10 @@ class HFBackend(EvalBackend):
                 cache = {self._cache_name: getattr(out, self._cache_name)}
                 out = self.model(**self._inputs(step, offset), **cache, use_cache=True, logits_to_keep=1)
                 offset += 1
+
+
+@register_backend("hf")
+def open_hf_backend(path: str, label: str, options: BackendOptions) -> HFBackend:
+    """The model whole on every rank: the parallel sizes of the options apply to Megatron
+    checkpoints only (under torchrun each rank here is one data-parallel replica)."""
+    return HFBackend(path, label=label, dtype=options.dtype)

@@ -10,7 +10,8 @@ detached (it returns the final hidden states), and the real output layer plus me
 vocab-parallel cross entropy run over chunks of the scored positions only. With a stride the later
 windows score only their last `stride` positions, so most of the head's work disappears as well.
 Padding rows of the vocabulary (added for TP divisibility) are excluded from the softmax: the model
-is scored over its real vocabulary, as its Hugging Face export is.
+is scored over its real vocabulary, as its Hugging Face export is. Registered as the "megatron"
+backend (`--load`).
 """
 
 from __future__ import annotations
@@ -31,15 +32,9 @@ from megatron.core.tensor_parallel.utils import VocabUtility
 from pose_megatron import runtime
 from pose_megatron.checkpoint.layout import load_run_config, resolve_checkpoint_dir
 from pose_megatron.checkpoint.megatron_io import load_model_weights
-from pose_megatron.model import build_transformer_config
-from pose_megatron.evaluation.backends import (
-    LOGIT_BUDGET_ELEMENTS,
-    EvalBackend,
-    ScoreRequest,
-    chunk_rows,
-    resolve_dtype,
-)
-from pose_megatron.model import build_model
+from pose_megatron.evaluation.backend import (LOGIT_BUDGET_ELEMENTS, BackendOptions, EvalBackend,
+                                              ScoreRequest, chunk_rows, register_backend)
+from pose_megatron.model import build_model, build_transformer_config
 
 
 class _HiddenStatesHead(torch.nn.Module):
@@ -47,13 +42,6 @@ class _HiddenStatesHead(torch.nn.Module):
 
     def forward(self, hidden_states, weight=None, runtime_gather_output=None):
         return hidden_states, None
-
-
-def megatron_max_positions(run_config) -> int:
-    """Positions a checkpoint covers: its PoSE target length, else its window times the RoPE factor."""
-    if run_config.target_length:
-        return int(run_config.target_length)
-    return int(run_config.model.max_position_embeddings * run_config.rope_scaling.factor)
 
 
 class MegatronBackend(EvalBackend):
@@ -93,7 +81,7 @@ class MegatronBackend(EvalBackend):
         if not tensor_parallel.get_cuda_rng_tracker().get_states():
             runtime.set_seed(seed)
 
-        params_dtype = resolve_dtype(dtype)
+        params_dtype = runtime.dtype_from_name(dtype)
         tconfig = build_transformer_config(
             cfg,
             tensor_model_parallel_size=tp,
@@ -113,7 +101,7 @@ class MegatronBackend(EvalBackend):
         self.model.eval()
 
         self.checkpoint_dir = str(ckpt)
-        self.max_positions = megatron_max_positions(run_config)
+        self.max_positions = run_config.max_positions
         self.vocab_size = cfg.vocab_size
         self.device = runtime.get_device()
         self.dp_rank = ps.get_data_parallel_rank()
@@ -267,3 +255,14 @@ class MegatronBackend(EvalBackend):
                 group=ps.get_pipeline_model_parallel_group(),
             )
         return int(token.item())
+
+
+@register_backend("megatron")
+def open_megatron_backend(path: str, label: str, options: BackendOptions) -> MegatronBackend:
+    return MegatronBackend(
+        path,
+        label=label,
+        tensor_model_parallel_size=options.tensor_model_parallel_size,
+        pipeline_model_parallel_size=options.pipeline_model_parallel_size,
+        dtype=options.dtype,
+    )

@@ -1,4 +1,4 @@
-"""Passkey retrieval, the paper's prompt and scoring (REFERENCE.md section 3).
+"""Passkey retrieval, the paper's prompt and scoring (docs/reference.md, "Evaluation protocols").
 
 The prompt is the task line, filler, the key line, more filler and the question, one per line (the
 layout of the landmark-attention test PoSE uses): the filler before the key is the first `k` words of
@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from pose_megatron.evaluation.backends import EvalBackend
+from pose_megatron.evaluation.backend import EvalBackend
 from pose_megatron.evaluation.perplexity import warn_extrapolation
 
 logger = logging.getLogger(__name__)

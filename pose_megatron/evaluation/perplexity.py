@@ -1,8 +1,10 @@
-"""Sliding-window perplexity, the paper's protocol (REFERENCE.md section 3), for any EvalBackend.
+"""Sliding-window perplexity, the paper's protocol (docs/reference.md, "Evaluation protocols"), for
+any EvalBackend.
 
 corpus perplexity = exp(sum of the NLL of every scored token / number of scored tokens), where the
 windows (windows.py) score each document token exactly once. Windows are split over data-parallel
-replicas; the sums are reduced at the end, so the number does not depend on the parallel layout.
+replicas (scoring.py); the sums are reduced at the end, so the number does not depend on the
+parallel layout.
 """
 
 from __future__ import annotations
@@ -13,19 +15,14 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from pose_megatron.evaluation.backends import EvalBackend, ScoreRequest
-from pose_megatron.evaluation.windows import (
-    Window,
-    effective_stride,
-    plan_windows,
-    window_input,
-    window_targets,
-)
+from pose_megatron.evaluation.backend import EvalBackend
+from pose_megatron.evaluation.scoring import replica_share, score_windows
+from pose_megatron.evaluation.windows import effective_stride, plan_windows
 
 logger = logging.getLogger(__name__)
 
@@ -85,20 +82,6 @@ class PerplexityResult:
         return data
 
 
-def _groups(
-    plan: Sequence[Tuple[int, Window]], group_size: int
-) -> Iterable[List[Tuple[int, Window]]]:
-    """Consecutive windows of equal length, at most group_size at a time."""
-    group: List[Tuple[int, Window]] = []
-    for item in plan:
-        if group and (len(group) == group_size or group[0][1].num_tokens != item[1].num_tokens):
-            yield group
-            group = []
-        group.append(item)
-    if group:
-        yield group
-
-
 def evaluate_length(
     backend: EvalBackend,
     documents: Sequence[np.ndarray],
@@ -111,14 +94,9 @@ def evaluate_length(
 ) -> PerplexityResult:
     """Perplexity of `backend` on `documents` with windows of `length` tokens (collective)."""
     started = time.perf_counter()
-    plan = [
-        (d, w)
-        for d, doc in enumerate(documents)
-        for w in plan_windows(len(doc), length, stride, truncate)
-    ]
+    plan = [(doc, w) for doc in documents for w in plan_windows(len(doc), length, stride, truncate)]
     total_scored = sum(w.num_scored for _, w in plan)
-    mine = plan[backend.dp_rank :: backend.dp_size]
-    nll_sum, count = 0.0, 0
+    mine = replica_share(plan, backend)
     bar = tqdm(
         total=sum(w.num_scored for _, w in mine),
         desc=f"{backend.label} @ {length}",
@@ -128,22 +106,7 @@ def evaluate_length(
         leave=False,
     )
     with bar:
-        for group in _groups(mine, backend.group_size):
-            requests = [
-                ScoreRequest(
-                    input_ids=window_input(documents[d], w, bos),
-                    targets=window_targets(documents[d], w),
-                    first_target=w.first_target,
-                )
-                for d, w in group
-            ]
-            for (_, w), nll in zip(group, backend.score(requests)):
-                if nll is not None:
-                    if len(nll) != w.num_scored:
-                        raise RuntimeError(f"backend scored {len(nll)} tokens, expected {w.num_scored}")
-                    nll_sum += float(nll.sum())
-                    count += len(nll)
-            bar.update(sum(w.num_scored for _, w in group))
+        nll_sum, count = score_windows(backend, mine, bos, on_group=bar.update)
     nll_sum, count = backend.all_reduce_sum([nll_sum, count])
     if round(count) != total_scored:
         raise RuntimeError(f"scored {count} tokens over all ranks, the windows hold {total_scored}")

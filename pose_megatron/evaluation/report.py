@@ -13,18 +13,15 @@ import math
 import os
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from pose_megatron.files import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 
 def write_json(path: str, payload: dict) -> None:
-    """Write JSON atomically (readers never see half a file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as stream:
-        json.dump(payload, stream, indent=2, sort_keys=False)
-        stream.write("\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (readers never see half a file), creating its directory."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def figure_path(output_json: str, suffix: str = "") -> str:
@@ -84,7 +81,9 @@ def passkey_table(summaries: Mapping[str, Mapping[int, dict]], lengths: Sequence
     return format_table(["checkpoint"] + [str(n) for n in lengths], rows)
 
 
-def _pyplot():
+def load_pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), or None with a warning
+    when matplotlib is not installed (figures are optional)."""
     try:
         import matplotlib
 
@@ -99,7 +98,7 @@ def _pyplot():
 def plot_perplexity(results: Mapping[str, Mapping[int, dict]], path: str, title: str = "") -> Optional[str]:
     """Perplexity against window length, log-scale y, one line per checkpoint. Returns the path
     written (None without matplotlib)."""
-    plt = _pyplot()
+    plt = load_pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -141,7 +140,7 @@ def plot_passkey_heatmap(
     by_depth: Mapping[str, Mapping[int, Mapping[str, dict]]], path: str, title: str = ""
 ) -> Optional[str]:
     """Accuracy heatmaps, one panel per checkpoint: rows = depth, columns = prompt length."""
-    plt = _pyplot()
+    plt = load_pyplot()
     if plt is None:
         return None
     import numpy as np

@@ -1,4 +1,5 @@
-"""Sliding-window bookkeeping for the paper's perplexity protocol (REFERENCE.md section 3).
+"""Sliding-window bookkeeping for the paper's perplexity protocol (docs/reference.md, "Evaluation
+protocols").
 
 A window of length W is BOS followed by up to W - 1 document tokens. The first window of a document
 scores every token it holds; each later window starts `stride` tokens further on and scores only the

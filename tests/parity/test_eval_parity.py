@@ -2,8 +2,9 @@
 
 One random Hugging Face LLaMA (PoSE's revised YaRN exported as longrope; vocabulary 250, so the
 Megatron copy pads its output layer to 256 rows) is saved as a Hugging Face directory and, through
-copy_hf_into_pose, as a pose_megatron checkpoint. Both backends, the CLIs, and the CLIs under torchrun
-at TP=2 and PP=2 must reproduce a hand-written transformers loop over the same windows.
+copy_hf_into_pose, as a pose_megatron checkpoint. Both backends, the CLIs (perplexity, passkey, far
+tokens), and the CLIs under torchrun at TP=2 and PP=2 must reproduce a hand-written transformers loop
+over the same windows.
 """
 
 import dataclasses
@@ -188,6 +189,60 @@ def test_cli_perplexity_and_passkey_both_backends(tiny, capsys):
     assert report["protocol"]["trials"] == 2
 
 
+def write_indexed_docs(prefix: Path, docs) -> None:
+    """The documents as a .bin/.idx prefix, BOS first (as tools/preprocess_data.py --prepend-bos)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    for doc in docs:
+        builder.add_document(torch.tensor([BOS] + doc.tolist(), dtype=torch.int32), [len(doc) + 1])
+    builder.finalize(f"{prefix}.idx")
+
+
+def reference_far_nll(hf, docs, start, end, short_window, stride):
+    """Mean NLL of document[start:end] with full context and with short windows, written out
+    against transformers: (full, short)."""
+
+    def nll(doc, begin, stop, scored_from):
+        ids = torch.tensor([[BOS] + doc[begin:stop].tolist()])
+        with torch.no_grad():
+            logits = hf(ids, attention_mask=torch.ones_like(ids)).logits[0, :-1]
+        logprobs = torch.log_softmax(logits.double(), dim=-1)
+        per_token = -logprobs[torch.arange(ids.shape[1] - 1), ids[0, 1:]]  # [i] predicts doc[begin + i]
+        return per_token[scored_from - begin :].tolist()
+
+    full, short = [], []
+    for doc in docs:
+        full += nll(doc, 0, end, start)
+        for scored_from in range(start, end, stride):
+            stop = min(scored_from + stride, end)
+            short += nll(doc, stop - (short_window - 1), stop, scored_from)
+    assert len(full) == len(short) == len(docs) * (end - start)
+    return float(np.mean(full)), float(np.mean(short))
+
+
+def test_cli_far_tokens_both_backends_match_transformers(tiny):
+    root = tiny["root"]
+    write_indexed_docs(root / "far_document", tiny["docs"])
+    out = root / "far.json"
+    status = load_tool("eval_far_tokens").main([
+        "--load", tiny["megatron"], "--label", "mg", "--hf-dir", tiny["hf_dir"], "--label", "hf",
+        "--tokenizer-model", tiny["tokenizer"], "--dtype", "fp32", "--no-progress",
+        "--data-path", str(root / "far_document"), "--data-name", "corpus", "--far-start", "128",
+        "--far-end", "256", "--short-window", "64", "--stride", "16", "--output", str(out)])
+    assert status == 0
+    report = json.loads(out.read_text())
+    long_docs = [d for d in tiny["docs"] if len(d) >= 256]
+    full, short = reference_far_nll(tiny["hf"], long_docs, 128, 256, 64, 16)
+    for label in ("mg", "hf"):
+        result = report["results"]["corpus"][label]
+        assert result["documents"] == len(long_docs) == 2 and result["tokens_scored"] == 2 * 128
+        assert result["full_nll"] == pytest.approx(full, rel=1e-5), label
+        assert result["short_nll"] == pytest.approx(short, rel=1e-5), label
+    assert report["protocol"] == {"start": 128, "end": 256, "short_window": 64, "stride": 16}
+    assert set(report["checkpoints"]) == {"mg", "hf"}
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
                     reason="two ranks need two GPUs when CUDA is present")
 def test_clis_under_torchrun_match_transformers(tiny):
@@ -195,14 +250,9 @@ def test_clis_under_torchrun_match_transformers(tiny):
     schedule with several windows in flight; each generated token broadcast from the last stage to
     the first) and DP=2 (windows and trials split between replicas, then reduced) reproduce the
     reference perplexity and transformers' greedy answers."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     root = tiny["root"]
     prefix = root / "docs_document"
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
-    for doc in tiny["docs"]:
-        builder.add_document(torch.tensor([BOS] + doc.tolist(), dtype=torch.int32), [len(doc) + 1])
-    builder.finalize(f"{prefix}.idx")
+    write_indexed_docs(prefix, tiny["docs"])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(Path(__file__).with_name("eval_parallel_worker.py")), str(root), tiny["megatron"],

@@ -1,4 +1,4 @@
-"""Passkey prompts, trials and scoring (REFERENCE.md section 3), without a model."""
+"""Passkey prompts, trials and scoring (docs/reference.md, "Evaluation protocols"), without a model."""
 
 import io
 import random
@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from pose_megatron.evaluation.backends import EvalBackend
+from pose_megatron.evaluation.backend import EvalBackend
 from pose_megatron.evaluation.passkey import (
     KEY_RANGE,
     PasskeyPromptBuilder,
@@ -20,7 +20,7 @@ from pose_megatron.evaluation.passkey import (
 )
 from pose_megatron.evaluation.perplexity import ExtrapolationWarning
 
-# The paper's strings, typed from REFERENCE.md (not imported: the test checks the module's copies).
+# The paper's strings, typed from docs/reference.md (not imported: the test checks the module's copies).
 PAPER_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
               "them. I will quiz you about the important information there.")
 PAPER_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pose_megatron.evaluation.backends import EvalBackend
+from pose_megatron.evaluation.backend import EvalBackend
 from pose_megatron.evaluation.documents import NoUsableDocumentsError, load_documents
 from pose_megatron.evaluation.perplexity import (
     ExtrapolationWarning,

@@ -1,4 +1,4 @@
-"""The perplexity protocol's window bookkeeping (REFERENCE.md section 3)."""
+"""The perplexity protocol's window bookkeeping (docs/reference.md, "Evaluation protocols")."""
 
 import itertools
 

@@ -1,8 +1,11 @@
 """What the evaluations need from a model: score a window's tokens, and greedy-generate.
 
-Two implementations share this interface: `MegatronBackend` (a pose_megatron checkpoint at any
-TP / PP / DP, megatron_backend.py) and `HFBackend` (a Hugging Face directory through transformers,
-hf_backend.py). The perplexity and passkey drivers only see `EvalBackend`.
+This module is the interface only; it imports no implementation. Implementations register an opener
+under a name with `register_backend` (megatron_backend.py: a pose_megatron checkpoint at any
+TP / PP / DP; hf_backend.py: a Hugging Face directory through transformers), and `open_backend`
+looks the name up. The built-in names map to their modules in BUILTIN_BACKEND_MODULES, imported on
+first use, so opening a Hugging Face directory never imports the Megatron backend and the other way
+round. The perplexity, passkey and far-token drivers only see `EvalBackend`.
 
 Distributed contract. Windows and trials are split over data-parallel replicas (`dp_rank` of
 `dp_size`); every rank of one replica makes the same calls in the same order (the model-parallel
@@ -13,22 +16,12 @@ the result ranks hold, over all replicas, and every rank gets the total.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """`auto` is bf16 on a GPU and fp32 on CPU; otherwise one of DTYPES."""
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose auto or one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 @dataclass
@@ -148,23 +141,6 @@ LOGIT_BUDGET_ELEMENTS = 1 << 26
 are computed in sequence chunks of this size, never as a whole."""
 
 
-def open_backend(kind: str, path: str, label: Optional[str] = None, **options) -> EvalBackend:
-    """A backend for a Megatron checkpoint (`kind` "megatron": --load) or a Hugging Face
-    directory ("hf": --hf-dir). `options`: tensor/pipeline_model_parallel_size and dtype."""
-    label = label or default_label(path)
-    if kind == "megatron":
-        from pose_megatron.evaluation.megatron_backend import MegatronBackend
-
-        return MegatronBackend(path, label=label, **options)
-    if kind == "hf":
-        from pose_megatron.evaluation.hf_backend import HFBackend
-
-        options.pop("tensor_model_parallel_size", None)
-        options.pop("pipeline_model_parallel_size", None)
-        return HFBackend(path, label=label, **options)
-    raise ValueError(f"unknown backend kind {kind!r}; use 'megatron' or 'hf'")
-
-
 def default_label(path: str) -> str:
     """A readable label for a checkpoint path: its last directory name(s)."""
     parts = [p for p in str(path).rstrip("/").split("/") if p]
@@ -173,3 +149,51 @@ def default_label(path: str) -> str:
     if parts[-1].startswith("iter_") or parts[-1] == "release":
         return "/".join(parts[-2:])
     return parts[-1]
+
+
+@dataclass
+class BackendOptions:
+    """How a checkpoint is opened; each backend reads the fields that apply to it."""
+
+    dtype: str = "auto"
+    """Compute dtype: auto (bf16 on a GPU, fp32 on CPU) or a name of pose_megatron.runtime.DTYPES."""
+    tensor_model_parallel_size: int = 1
+    """TP of a Megatron checkpoint. A Hugging Face model is not split: each rank holds a replica."""
+    pipeline_model_parallel_size: int = 1
+    """PP of a Megatron checkpoint (world size = TP x PP x DP)."""
+
+
+BackendOpener = Callable[[str, str, BackendOptions], EvalBackend]
+"""(checkpoint path, label, options) -> an open backend."""
+
+BACKENDS: Dict[str, BackendOpener] = {}
+"""Backend name (the `kind` of a checkpoint) -> its opener, filled by `register_backend`."""
+
+BUILTIN_BACKEND_MODULES = {
+    "megatron": "pose_megatron.evaluation.megatron_backend",
+    "hf": "pose_megatron.evaluation.hf_backend",
+}
+"""Where the built-in backends register themselves: imported by `open_backend` on first use."""
+
+
+def register_backend(name: str) -> Callable[[BackendOpener], BackendOpener]:
+    """Decorator: `@register_backend("hf")` on an opener makes `open_backend("hf", ...)` call it."""
+
+    def register(opener: BackendOpener) -> BackendOpener:
+        if name in BACKENDS and BACKENDS[name] is not opener:
+            raise ValueError(f"backend {name!r} is already registered by {BACKENDS[name].__module__}")
+        BACKENDS[name] = opener
+        return opener
+
+    return register
+
+
+def open_backend(kind: str, path: str, label: Optional[str] = None, **options) -> EvalBackend:
+    """Open the checkpoint at `path` with the backend registered as `kind` ("megatron": a --load
+    checkpoint, "hf": an --hf-dir directory). `options` are BackendOptions fields."""
+    if kind not in BACKENDS and kind in BUILTIN_BACKEND_MODULES:
+        importlib.import_module(BUILTIN_BACKEND_MODULES[kind])  # registers itself on import
+    if kind not in BACKENDS:
+        known = sorted(set(BACKENDS) | set(BUILTIN_BACKEND_MODULES))
+        raise ValueError(f"unknown backend kind {kind!r}; use one of {known}")
+    return BACKENDS[kind](str(path), label or default_label(path), BackendOptions(**options))

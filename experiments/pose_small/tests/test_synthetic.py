@@ -1,15 +1,10 @@
-"""Synthetic retrieval documents (pose_megatron.synthetic) and the far-token windows
-(pose_megatron.far_tokens) used by the small reproduction."""
-
-import math
+"""The small reproduction's synthetic retrieval documents (experiments/pose_small/synthetic.py)."""
 
 import numpy as np
 import pytest
 
-from pose_megatron import synthetic
+from experiments.pose_small import synthetic
 from pose_megatron.evaluation import passkey
-from pose_megatron.evaluation.backends import EvalBackend
-from pose_megatron.far_tokens import evaluate_far_tokens, full_window, short_windows
 
 
 @pytest.fixture(scope="module")
@@ -99,52 +94,3 @@ def test_write_jsonl_round_trips(tmp_path):
 def test_spec_rejects_impossible_settings(kwargs):
     with pytest.raises(ValueError):
         synthetic.RetrievalDocSpec(**kwargs)
-
-
-# ---- far-token windows --------------------------------------------------------------------------
-
-def test_short_windows_score_the_range_once_with_bounded_context():
-    start, end, window, stride = 1024, 2048, 256, 32
-    windows = short_windows(start, end, window, stride)
-    scored = [t for w in windows for t in range(w.score_from, w.end)]
-    assert scored == list(range(start, end))
-    for w in windows:
-        assert w.num_tokens == window  # BOS + window - 1 document tokens
-        assert w.score_from - w.start >= window - 1 - stride  # least context of a scored token
-    full = full_window(start, end)
-    assert (full.start, full.score_from, full.end) == (0, start, end)
-    with pytest.raises(ValueError):
-        short_windows(start, end, window, window)
-    with pytest.raises(ValueError):
-        short_windows(100, end, window, stride)
-
-
-class _ContextBackend(EvalBackend):
-    """NLL of a token = 1 + 1 / (context tokens it sees): more context, lower loss."""
-
-    def __init__(self):
-        super().__init__("fake", "none")
-        self.calls = 0
-
-    def _score(self, requests):
-        self.calls += 1
-        import torch
-
-        out = []
-        for r in requests:
-            context = np.arange(r.first_target, len(r.targets)) + 1
-            out.append(torch.as_tensor(1.0 + 1.0 / context, dtype=torch.float64))
-        return out
-
-
-def test_far_tokens_compares_full_and_short_context_on_the_same_tokens():
-    docs = [np.arange(600) % 50, np.arange(700) % 40]
-    backend = _ContextBackend()
-    result = evaluate_far_tokens(backend, docs, bos=1, start=256, end=512, short_window=64, stride=16)
-    assert result.tokens_scored == 2 * 256 and result.documents == 2
-    full = np.mean(1 + 1 / (np.arange(256, 512) + 1))
-    assert math.isclose(result.full_nll, full, rel_tol=1e-12)
-    assert result.short_nll > result.full_nll
-    assert result.to_json()["ratio"] < 1
-    with pytest.raises(ValueError):
-        evaluate_far_tokens(backend, [np.arange(100)], bos=1, start=256, end=512, short_window=64, stride=16)

@@ -4,8 +4,9 @@ A model of a few million parameters trained on source code barely needs context 
 hundred tokens, so context extension methods cannot be told apart on that text alone. These
 documents make long context matter: a key is stated once, and later questions can only be answered
 by finding it again. The text reuses the evaluation prompt's own strings (task line, filler, key
-line, question; pose_megatron.evaluation.passkey), so what pretraining teaches is exactly what the
-passkey test asks:
+line, question; pose_megatron.evaluation.passkey), so what this experiment's pretraining teaches is
+exactly what the passkey test asks (the training-data side of the experiment depends on the
+evaluation, never the other way round):
 
     TASK
     filler(a)

@@ -1,4 +1,4 @@
-"""The small reproduction (pose_megatron.reproduction): its quick mode runs every stage end to end
+"""The small reproduction (experiments/pose_small): its quick mode runs every stage end to end
 (2 gloo processes per tool) and writes well-formed outputs. Nothing is asserted about the numbers."""
 
 import json
@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from pose_megatron import reproduction
-from pose_megatron.reproduction import ALL_METHODS, FULL, QUICK, method_flags
+from experiments.pose_small.reproduce import read_training_metrics
+from experiments.pose_small.settings import ALL_METHODS, FULL, QUICK, method_flags
+from experiments.pose_small.summary import LABELS
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
+DRIVER = "experiments.pose_small.reproduce"
 
 
 def _flag(flags, name):
@@ -41,24 +43,35 @@ def test_method_flags_match_the_paper_baselines():
         method_flags("no-such-method", FULL)
 
 
-def test_training_log_parser_reads_the_trainers_lines(tmp_path):
-    log = tmp_path / "train.log"
-    log.write_text(
-        "iteration        1/10 | lm loss 9.0 | lr 1e-3 | grad norm 6.2 | 2040 ms/it | 2,008 tokens/s | "
-        "7.8 samples/s | 0.044 TFLOP/s/device | peak mem 0.79 GiB | ETA 0:00:18\n"
-        "validation at iteration 5 | lm loss 4.000000 | ppl 54.598\n"
-        "iteration        5/10 | lm loss 8.0 | lr 6e-4 | grad norm 2.3 | 1814 ms/it | 2,258 tokens/s | "
-        "8.8 samples/s | 0.050 TFLOP/s/device | peak mem 0.88 GiB | ETA 0:00:09\n")
-    parsed = reproduction.parse_training_log(log)
-    assert parsed["tokens_per_s"] == 2258 and parsed["ms_per_it"] == 1814
-    assert parsed["peak_mem_gib"] == 0.88 and parsed["final_loss"] == 8.0
-    assert parsed["validation"] == [{"iteration": 5, "loss": 4.0, "ppl": 54.598}]
+def test_training_metrics_come_from_the_metrics_file(tmp_path):
+    """The trainer's --metrics-file lines (every step; validations on their own lines): the first
+    step (warm-up) is left out of the throughput, memory is the peak over all steps."""
+    def step(iteration, loss, ms, tokens, peak):
+        return json.dumps({"iteration": iteration, "loss": loss, "lr": 1e-3, "grad_norm": 2.0, "ms_per_it": ms,
+                           "tokens_per_s": tokens, "samples_per_s": 8.0, "tflops_per_device": 0.05,
+                           "peak_memory_gib": peak, "skipped": False})
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join([
+        step(1, 9.0, 2040.0, 2008.0, 0.95), step(2, 8.5, 1800.0, 2260.0, 0.80),
+        json.dumps({"iteration": 2, "validation_loss": 4.0, "validation_ppl": 54.598}),
+        step(3, 8.2, 1814.0, 2258.0, 0.88), step(4, 8.0, 1900.0, 2100.0, 0.88)]) + "\n")
+    parsed = read_training_metrics(metrics)
+    assert parsed["tokens_per_s"] == 2258.0 and parsed["ms_per_it"] == 1814.0
+    assert parsed["peak_mem_gib"] == 0.95 and parsed["final_loss"] == 8.0
+    assert parsed["validation"] == [{"iteration": 2, "loss": 4.0, "ppl": 54.598}]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"iteration": 2, "validation_loss": 4.0, "validation_ppl": 54.6}) + "\n")
+    with pytest.raises(ValueError, match="no training step"):
+        read_training_metrics(empty)
+    with pytest.raises(FileNotFoundError, match="--metrics-file"):
+        read_training_metrics(tmp_path / "missing.jsonl")
 
 
 def test_quick_mode_runs_every_stage_and_writes_its_outputs(tmp_path):
     out, docs = tmp_path / "out", tmp_path / "docs"
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pose_megatron.reproduction", "--quick", "--out", str(out),
+    subprocess.run([sys.executable, "-m", DRIVER, "--quick", "--out", str(out),
                     "--docs-dir", str(docs)], cwd=REPO, check=True, timeout=600)
     elapsed = time.perf_counter() - started
     labels = ["base"] + QUICK.methods
@@ -78,11 +91,15 @@ def test_quick_mode_runs_every_stage_and_writes_its_outputs(tmp_path):
             cost = model["cost"]
             assert cost["wall_seconds"] > 0 and cost["tokens_per_s"] > 0 and cost["peak_mem_gib"] > 0
             assert cost["tokens_per_step"] == QUICK.tokens_per_step
+    validations = summary["pretrain"]["validation"]  # read from the trainer's --metrics-file
+    assert [v["iteration"] for v in validations] == list(range(QUICK.eval_interval, QUICK.pretrain_iters + 1,
+                                                               QUICK.eval_interval))
+    assert all(v["ppl"] > 1 for v in validations)
     for name in ("perplexity", "passkey", "far_tokens"):
         payload = json.loads((out / "eval" / f"{name}.json").read_text())
         assert set(labels) <= set(payload["checkpoints"])
     report = (out / "report.md").read_text()
-    assert all(reproduction.LABELS[label] in report for label in labels)
+    assert all(LABELS[label] in report for label in labels)
     png = (out / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     for name in ("results_summary.json", "results_tables.md", "results.png"):
@@ -90,7 +107,7 @@ def test_quick_mode_runs_every_stage_and_writes_its_outputs(tmp_path):
 
     # A second invocation finds every stage cached and only redoes the report.
     again = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pose_megatron.reproduction", "--quick", "--out", str(out)],
+    subprocess.run([sys.executable, "-m", DRIVER, "--quick", "--out", str(out)],
                    cwd=REPO, check=True, timeout=120)
     assert time.perf_counter() - again < 30
     print(f"quick reproduction: {elapsed:.0f} s")

@@ -1,0 +1,1 @@
+"""Experiments built on the pose_megatron library (which never imports them)."""

@@ -1,0 +1,1 @@
+"""Tests of the small reproduction (collected by the suite: pytest.ini's testpaths)."""
