@@ -13,6 +13,7 @@ import contextlib
 import glob
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator, List, Union
@@ -28,6 +29,22 @@ def temporary_sibling(path: PathLike, tag: str = "") -> Path:
     """A hidden, process-specific name next to `path` (same directory, so a rename is atomic)."""
     path = Path(path)
     return path.with_name(f".{path.name}{tag}.tmp-{os.getpid()}")
+
+
+def is_writable(path: PathLike) -> bool:
+    """Whether `path` (existing, or to be created) can be written: a probe file in its nearest
+    existing directory. (root's os.access ignores permissions but not read-only mounts; a probe
+    sees both, and ACLs too.)"""
+    path = Path(os.path.abspath(path))
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
 
 
 def remove_stale_temporaries(path: PathLike) -> List[Path]:

@@ -69,7 +69,8 @@ def evaluate(args) -> int:
                             result.full_perplexity, args.short_window, result.short_perplexity)
         return per_data
 
-    scored, described = cli.evaluate_checkpoints(args, score)
+    scored, described = cli.evaluate_checkpoints(
+        args, score, max_token=max(d.max_token for d in data.values()))
     if not is_first_rank():
         return 0
     write_json(args.output, {

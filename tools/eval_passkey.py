@@ -56,7 +56,8 @@ def evaluate(args) -> int:
                                     stop_ids=(tokenizer.eod,), progress=not args.no_progress)
         return summarize(outcomes, explicit_depths=args.depths is not None), outcomes
 
-    answered, described = cli.evaluate_checkpoints(args, answer)
+    answered, described = cli.evaluate_checkpoints(
+        args, answer, max_token=max(int(p.token_ids.max()) for p in prompts))
     if not is_first_rank():
         return 0
     summaries = {label: summary for label, (summary, _) in answered.items()}

@@ -68,7 +68,7 @@ def evaluate(args) -> int:
                                          truncate=args.truncate, progress=not args.no_progress)
         return {r.length: r.to_json() for r in per_length}
 
-    results, described = cli.evaluate_checkpoints(args, score)
+    results, described = cli.evaluate_checkpoints(args, score, max_token=docs.max_token)
     if not is_first_rank():
         return 0
     payload = {

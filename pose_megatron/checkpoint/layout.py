@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from pose_megatron.files import atomic_write_text
+from pose_megatron.files import INCOMPLETE_SUFFIX, atomic_write_text
 from pose_megatron.presets import ModelConfig
 from pose_megatron.rope import RopeScaling
 
@@ -109,6 +110,24 @@ def holds_checkpoint(path: Union[str, Path]) -> bool:
     """True when `path` is a save root with a tracker or a checkpoint directory itself."""
     path = Path(path)
     return (path / TRACKER_FILE).is_file() or (path / "metadata.json").is_file()
+
+
+def why_no_checkpoint(path: Union[str, Path], flag: str = "--load") -> str:
+    """The error for a path that holds no checkpoint, saying what it is and what to do."""
+    load = str(path)
+    if not os.path.exists(load):
+        return f"{flag} {load} does not exist"
+    if os.path.isfile(os.path.join(load, "config.json")):
+        return (f"{flag} {load} is a Hugging Face model directory, not a Megatron checkpoint; convert "
+                f"it first: python tools/convert_hf_to_megatron.py --hf-dir {load} --save DIR, then "
+                "--load DIR")
+    incomplete = sorted(n for n in os.listdir(load) if n.endswith(INCOMPLETE_SUFFIX)) \
+        if os.path.isdir(load) else []
+    if incomplete:
+        return (f"{flag} {load} holds only an interrupted save or conversion ({incomplete[0]}); "
+                "run the conversion again, or load an earlier checkpoint")
+    return (f"{flag} {load} holds no checkpoint (no latest_checkpointed_iteration.txt or "
+            "metadata.json); pass a run's --save directory or a converted checkpoint")
 
 
 def resolve_checkpoint_dir(path: Union[str, Path]) -> Path:

@@ -20,7 +20,9 @@ import torch
 
 from pose_megatron import runtime
 from pose_megatron._compat import enable_cpu_fallbacks
+from pose_megatron.checkpoint.layout import holds_checkpoint, why_no_checkpoint
 from pose_megatron.evaluation.backend import EvalBackend, default_label, open_backend
+from pose_megatron.files import is_writable
 
 logger = logging.getLogger("pose_megatron.evaluation")
 
@@ -146,7 +148,22 @@ def checkpoints_from_args(parser: argparse.ArgumentParser, args) -> List[Checkpo
         parser.error(f"checkpoint labels must differ; {duplicates} repeat: name them with --label")
     if args.tensor_model_parallel_size < 1 or args.pipeline_model_parallel_size < 1:
         parser.error("parallel sizes must be >= 1")
+    for spec in specs:  # every input and the output, before anything is loaded
+        problem = _checkpoint_problem(spec)
+        if problem:
+            parser.error(problem)
+    if os.path.isdir(args.output) or not is_writable(args.output):
+        parser.error(f"--output {args.output} cannot be written (a directory, read-only or without "
+                     "permission); choose a writable file path")
     return specs
+
+
+def _checkpoint_problem(spec: CheckpointSpec) -> Optional[str]:
+    if spec.kind == "megatron" and not holds_checkpoint(spec.path):
+        return why_no_checkpoint(spec.path)
+    if spec.kind == "hf" and not os.path.isfile(os.path.join(spec.path, "config.json")):
+        return f"--hf-dir {spec.path} is no Hugging Face model directory (no config.json)"
+    return None
 
 
 def _has_hf_tokenizer(directory: str) -> bool:
@@ -216,12 +233,13 @@ def start_distributed(specs: Sequence[CheckpointSpec]) -> None:
 
 
 def evaluate_checkpoints(
-    args, evaluate: Callable[[EvalBackend], Result]
+    args, evaluate: Callable[[EvalBackend], Result], max_token: Optional[int] = None
 ) -> Tuple[Dict[str, Result], Dict[str, dict]]:
     """The per-checkpoint loop of every evaluation tool (collective under torchrun): for each
     checkpoint of `args.checkpoints` in order, open its backend, `evaluate(backend)`, record
     `describe()`, close it (the next checkpoint may need the memory). Returns (results, described),
-    both keyed by label in checkpoint order."""
+    both keyed by label in checkpoint order. `max_token`: the largest token id the inputs hold; a
+    model with a smaller vocabulary is refused before it runs."""
     start_distributed(args.checkpoints)
     results: Dict[str, Result] = {}
     described: Dict[str, dict] = {}
@@ -232,6 +250,11 @@ def evaluate_checkpoints(
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         )
         try:
+            if max_token is not None and max_token >= backend.vocab_size:
+                raise ValueError(
+                    f"{spec.path} has a vocabulary of {backend.vocab_size} tokens, but the inputs "
+                    f"hold token id {max_token}: evaluate with the checkpoint's own tokenizer "
+                    "(and data made with it)")
             results[spec.label] = evaluate(backend)
             described[spec.label] = backend.describe()
         finally:

@@ -16,6 +16,8 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
+from pose_megatron.data_checks import DataError, check_sizes
+
 
 class NoUsableDocumentsError(ValueError):
     """No document of the data is long enough for the requested evaluation."""
@@ -39,6 +41,11 @@ class DocumentSet:
     @property
     def num_tokens(self) -> int:
         return int(sum(len(d) for d in self.documents))
+
+    @property
+    def max_token(self) -> int:
+        """The largest token id of the documents (a model needs a larger vocabulary)."""
+        return max(int(d.max()) for d in self.documents)
 
     def summary(self) -> dict:
         return {
@@ -129,6 +136,7 @@ def load_documents(
                 f"no {data_path}.bin / {data_path}.idx: pass the prefix written by "
                 f"tools/preprocess_data.py (e.g. data/corpus_text_document), or a .jsonl file"
             )
+        check_sizes(data_path)  # a truncated or empty pair fails here, naming the file
         stream = _iter_indexed(data_path)
 
     found = DocumentSet(documents=[], source=data_path, min_tokens=min_tokens)
@@ -147,4 +155,7 @@ def load_documents(
             f"{min_tokens} tokens (the longest has {found.longest_skipped}); lower --min-doc-tokens "
             f"or the largest --lengths, or use longer documents"
         )
+    if tokenizer is not None and found.max_token >= tokenizer.vocab_size:
+        raise DataError(f"{data_path} holds token id {found.max_token}, but the tokenizer has "
+                        f"{tokenizer.vocab_size} tokens: the data was made with another tokenizer")
     return found

@@ -13,11 +13,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import tempfile
 from typing import Optional, Sequence
 
-from pose_megatron.checkpoint.layout import holds_checkpoint, load_run_config, resolve_checkpoint_dir
-from pose_megatron.files import INCOMPLETE_SUFFIX
+from pose_megatron.checkpoint.layout import (
+    holds_checkpoint,
+    load_run_config,
+    resolve_checkpoint_dir,
+    why_no_checkpoint,
+)
+from pose_megatron.files import is_writable
 from pose_megatron.positions import PoseSampling
 from pose_megatron.presets import MODEL_PRESETS, ModelConfig, get_preset
 from pose_megatron.rope import RopeScaling
@@ -176,7 +180,7 @@ def _check_paths(training: TrainingConfig, data: DataConfig) -> None:
             raise ValueError(f"--data-path {prefix}: no {prefix}.bin/.idx; create them with "
                              "tools/preprocess_data.py")
         cache = data.data_cache_path or os.path.join(prefix, "cache")
-        if not _writable(cache):
+        if not is_writable(cache):
             where = "--data-cache-path" if data.data_cache_path else f"the directory of {prefix}"
             raise ValueError(f"{where} is not writable, so the dataset index caches cannot be "
                              "written; pass --data-cache-path DIR (a writable directory)")
@@ -198,47 +202,15 @@ def _check_load_and_save(training: TrainingConfig) -> None:
     if load and not holds_checkpoint(load):
         fresh = not os.path.exists(load) or (os.path.isdir(load) and not os.listdir(load))
         if not (chained and fresh and not training.finetune):
-            raise ValueError(_no_checkpoint_reason(load))
+            raise ValueError(why_no_checkpoint(load))
     if save:
-        if not _writable(save):
+        if not is_writable(save):
             raise ValueError(f"--save {save} is not writable (read-only file system or no "
                              "permission); choose a writable directory")
         if holds_checkpoint(save) and not chained and not training.overwrite_save:
             raise ValueError(
                 f"--save {save} already holds a checkpoint that --load does not name; resume it "
                 f"with --load {save}, choose another --save, or pass --overwrite-save to replace it")
-
-
-def _no_checkpoint_reason(load: str) -> str:
-    if not os.path.exists(load):
-        return f"--load {load} does not exist"
-    if os.path.isfile(os.path.join(load, "config.json")):
-        return (f"--load {load} is a Hugging Face model directory, not a Megatron checkpoint; convert "
-                f"it first: python tools/convert_hf_to_megatron.py --hf-dir {load} --save DIR, then "
-                "--load DIR")
-    incomplete = sorted(n for n in os.listdir(load) if n.endswith(INCOMPLETE_SUFFIX)) \
-        if os.path.isdir(load) else []
-    if incomplete:
-        return (f"--load {load} holds only an interrupted save or conversion ({incomplete[0]}); "
-                "run the conversion again, or load an earlier checkpoint")
-    return (f"--load {load} holds no checkpoint (no latest_checkpointed_iteration.txt or "
-            "metadata.json); pass a run's --save directory or a converted checkpoint")
-
-
-def _writable(path: str) -> bool:
-    """Whether `path` (existing or to be created) can be written, by a probe in its nearest
-    existing ancestor (root's os.access ignores permissions, not read-only mounts; a probe
-    sees both)."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        return False
-    try:
-        with tempfile.TemporaryFile(dir=path):
-            return True
-    except OSError:
-        return False
 
 
 def _check_layout(run: TrainingRun) -> None:

@@ -4,6 +4,7 @@ cases are in tests/distributed/test_faults.py."""
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -266,3 +267,62 @@ def test_unwritable_or_full_output_gives_one_line_and_leaves_nothing(tmp_path, c
 def test_model_config_vocab_is_the_tokenizers(base):
     run = parse_args(base, world_size=1)
     assert run.model == dataclasses.replace(get_preset("tiny"), vocab_size=8192)
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+
+def load_eval_tool(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tool", ["eval_perplexity", "eval_passkey", "eval_far_tokens"])
+def test_evaluation_checks_checkpoints_and_output_before_loading(tool, tmp_path, capsys, corpus):
+    parse = load_eval_tool(tool).parse_args
+    data = ["--data-path", corpus.valid_prefix] if tool != "eval_passkey" else []
+    lengths = ["--lengths", "256"] if tool != "eval_far_tokens" else []
+    common = data + lengths + ["--tokenizer-model", corpus.tokenizer_model]
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    for argv, message in [
+        (["--load", tmp_path / "nothing", "--output", tmp_path / "r.json"], "--load .*nothing does not exist"),
+        (["--load", hf, "--output", tmp_path / "r.json"], "is a Hugging Face model directory"),
+        (["--hf-dir", tmp_path, "--output", tmp_path / "r.json"], "no config.json"),
+        (["--hf-dir", hf, "--output", tmp_path], "--output .* cannot be written"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            parse([str(a) for a in common + argv])
+        assert exc.value.code == 2
+        assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+def test_evaluation_data_beyond_the_vocabulary_is_refused(tmp_path, monkeypatch):
+    from pose_megatron.evaluation import cli
+    from pose_megatron.evaluation.documents import load_documents
+
+    prefix = write_prefix(tmp_path / "d", [[5] * 30 + [150]])
+    with pytest.raises(DataError, match="holds token id 150, but the tokenizer has 100 tokens"):
+        load_documents(prefix, min_tokens=4, tokenizer=Tokenizer())
+    truncated = write_prefix(tmp_path / "t", [[5] * 40])
+    Path(truncated + ".bin").write_bytes(Path(truncated + ".bin").read_bytes()[:-8])
+    with pytest.raises(DataError, match="is truncated"):
+        load_documents(truncated, min_tokens=4)
+
+    class SmallModel:
+        vocab_size = 100
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(cli, "open_backend", lambda *a, **k: SmallModel())
+    monkeypatch.setattr(cli, "start_distributed", lambda specs: None)
+    args = type("Args", (), dict(checkpoints=[cli.CheckpointSpec("hf", "model", "m")], dtype="auto",
+                                 tensor_model_parallel_size=1, pipeline_model_parallel_size=1))
+    with pytest.raises(ValueError, match="vocabulary of 100 tokens, but the inputs hold token id 150"):
+        cli.evaluate_checkpoints(args, lambda backend: pytest.fail("evaluated"), max_token=150)
