@@ -177,12 +177,23 @@ def _rope_from_stock_fields(config, head_dim, max_pos, legacy_yarn):
         rope_type = POSE_RELEASE_ROPE_TYPES[kind] if kind == "vanilla_ntk" else "linear"
         return _scaling(rope_type, factor=factor), base, window, max_pos
     if kind == "llama3":
-        omax = omax or max_pos
+        omax = omax or config.get("original_max_position_embeddings")
+        if omax is None:  # transformers' llama3 needs it too
+            raise ConversionError("this llama3 config has no original_max_position_embeddings; add "
+                                  "it to rope_scaling (8192 for LLaMA-3.1)")
         return _scaling("llama3", factor=factor, original_max_position_embeddings=omax,
                         low_freq_factor=params.get("low_freq_factor"),
                         high_freq_factor=params.get("high_freq_factor")), base, omax, max_pos
     if kind == "yarn":
-        omax = omax or max_pos
+        omax = omax or config.get("original_max_position_embeddings")
+        if omax is None:
+            raise ConversionError(
+                f"this yarn config has no original_max_position_embeddings, so its pre-training "
+                f"length L_o is ambiguous: stock transformers would use max_position_embeddings "
+                f"({max_pos}), while the PoSE convention (max_position_embeddings = the target) means "
+                f"max_position_embeddings / factor ({max_pos / factor:g}); the YaRN frequencies "
+                "differ between the two. Add \"original_max_position_embeddings\" to rope_scaling "
+                "in config.json with the length the model was pre-trained at")
         revised = legacy and legacy_yarn == "revised" and "finetuned" not in params
         rope = _scaling("yarn-revised" if revised else "yarn", factor=factor,
                         original_max_position_embeddings=omax,

@@ -92,6 +92,26 @@ def test_other_config_spellings():
     assert model_info_from_hf_config(release, legacy_yarn="standard").rope_scaling.rope_type == "yarn"
 
 
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+@pytest.mark.parametrize("legacy", [True, False], ids=["type-yarn", "rope_type-yarn"])
+def test_yarn_without_its_original_length_is_refused_naming_both_readings(key, legacy):
+    yarn = {"type" if legacy else "rope_type": "yarn", "factor": 8.0}
+    config = {**LLAMA_7B, "max_position_embeddings": 16384, key: yarn}
+    with pytest.raises(ConversionError) as exc:
+        model_info_from_hf_config(config)
+    message = str(exc.value)
+    assert "max_position_embeddings (16384)" in message  # stock transformers' reading
+    assert "max_position_embeddings / factor (2048)" in message  # the PoSE convention
+    assert 'Add "original_max_position_embeddings"' in message
+    # With the key (inside rope_scaling or at the top level) it imports.
+    assert model_info_from_hf_config({**config, "original_max_position_embeddings": 2048}
+                                     ).rope_scaling.original_max_position_embeddings == 2048
+    llama3 = {**LLAMA_7B, "max_position_embeddings": 131072, key: {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0}}
+    with pytest.raises(ConversionError, match="llama3 config has no original_max_position_embeddings"):
+        model_info_from_hf_config(llama3)
+
+
 @pytest.mark.parametrize("rope_type", sorted(ROPE_CASES))
 def test_exports_reimport_exactly(rope_type):
     """Our config.json re-imports as what was exported; without our block, the stock fields alone
