@@ -225,32 +225,22 @@ def build_transformer_config(
     if use_cpu_initialization is None:
         use_cpu_initialization = not on_gpu
     return TransformerConfig(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
+        # The architecture.
+        num_layers=model.num_layers, hidden_size=model.hidden_size, kv_channels=model.head_dim,
+        num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
         ffn_hidden_size=model.ffn_hidden_size,
-        kv_channels=model.head_dim,
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
-        pipeline_dtype=params_dtype,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        normalization="RMSNorm",
-        layernorm_epsilon=model.norm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
+        # LLaMA: RMSNorm, SwiGLU, no biases, no dropout.
+        normalization="RMSNorm", layernorm_epsilon=model.norm_epsilon, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False, hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=init_method_std,
-        use_cpu_initialization=use_cpu_initialization,
-        perform_initialization=True,
-        apply_rope_fusion=apply_rope_fusion,
-        bias_activation_fusion=on_gpu,
-        bias_dropout_fusion=on_gpu,
+        # Parallelism, dtypes and initialisation.
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size, pipeline_dtype=params_dtype,
+        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16, init_method_std=init_method_std,
+        use_cpu_initialization=use_cpu_initialization, perform_initialization=True,
+        # Fusions: CUDA kernels only.
+        apply_rope_fusion=apply_rope_fusion, bias_activation_fusion=on_gpu, bias_dropout_fusion=on_gpu,
         # megatron's fused softmax kernels come with Transformer Engine / apex; the local spec's
         # SDPA attention does not use them. persist_layer_norm is apex's LayerNorm (not RMSNorm):
         # with it on, megatron's torch norm fallback refuses to build on a GPU without apex.

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 class _PoseTokenizer(abc.ABC):
-    """Common surface of the backends; subclasses fill `_load` and the token ids."""
+    """Common surface of the backends; subclasses fill `_open` and the token ids."""
 
     tokenizer_type = ""
 
@@ -38,17 +38,37 @@ class _PoseTokenizer(abc.ABC):
             ]
         )
 
-    @abc.abstractmethod
-    def _load(self) -> None:
-        ...
+    is_directory = False
+    """Whether this backend's tokenizer_model is a directory (else a file)."""
+    path_hint = ""
+    """What to pass instead, for error messages."""
 
-    def _require_path(self, directory: bool, hint: str) -> None:
-        """FileNotFoundError / ValueError naming what was given and what this backend needs."""
-        path, kind = self.tokenizer_model, "directory" if directory else "file"
+    def _load(self) -> None:
+        """Check the path, open the backend (`_open`) and check it has an end-of-document id; every
+        failure is a FileNotFoundError / ValueError naming what was given and what is needed."""
+        path, kind = self.tokenizer_model, "directory" if self.is_directory else "file"
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{self.tokenizer_type} tokenizer {path!r} does not exist; {hint}")
-        if os.path.isdir(path) != directory:
-            raise ValueError(f"{self.tokenizer_type} tokenizer {path!r} is not a {kind}; {hint}")
+            raise FileNotFoundError(f"{self.tokenizer_type} tokenizer {path!r} does not exist; "
+                                    f"{self.path_hint}")
+        if os.path.isdir(path) != self.is_directory:
+            raise ValueError(f"{self.tokenizer_type} tokenizer {path!r} is not a {kind}; {self.path_hint}")
+        try:
+            self._open()
+        except (RuntimeError, OSError, ValueError) as err:
+            raise ValueError(f"cannot read {path!r} as a {self.tokenizer_type} tokenizer ({err}); "
+                             f"is it complete? {self.path_hint}") from None
+        if self._eod_or_none() is None:
+            raise ValueError(f"{self.tokenizer_type} tokenizer {path!r} has no end-of-sequence token, "
+                             "so there is no end-of-document id; give it one (sentencepiece: "
+                             "eos_id >= 0; Hugging Face: eos_token in tokenizer_config.json)")
+
+    @abc.abstractmethod
+    def _open(self) -> None:
+        """Load the backend object from self.tokenizer_model (raises on unreadable input)."""
+
+    @abc.abstractmethod
+    def _eod_or_none(self) -> Optional[int]:
+        ...
 
     # Pickle by path: backend objects are either unpicklable or large.
     def __getstate__(self) -> Dict[str, str]:
@@ -102,28 +122,22 @@ class SentencePieceTokenizer(_PoseTokenizer):
 
     tokenizer_type = "sentencepiece"
 
-    def _load(self) -> None:
+    path_hint = ("pass the '.model' file (e.g. tokenizer.model of a LLaMA checkpoint); for a "
+                 "Hugging Face tokenizer directory use --tokenizer-type huggingface")
+
+    def _open(self) -> None:
         import sentencepiece
 
-        self._require_path(directory=False, hint=(
-            "pass the '.model' file (e.g. tokenizer.model of a LLaMA checkpoint); for a Hugging "
-            "Face tokenizer directory use --tokenizer-type huggingface"))
-        try:
-            self._processor = sentencepiece.SentencePieceProcessor(model_file=self.tokenizer_model)
-        except (RuntimeError, OSError) as err:
-            raise ValueError(f"cannot read {self.tokenizer_model!r} as a sentencepiece model ({err}); "
-                             "is it a sentencepiece '.model' file, and complete?") from None
+        self._processor = sentencepiece.SentencePieceProcessor(model_file=self.tokenizer_model)
         # sentencepiece >= 0.2.1 returns arrays directly, 20% faster than a list of Python ints.
         try:
             self._processor.encode("", return_type="numpy")
             self._numpy_output = True
         except (TypeError, ValueError):
             self._numpy_output = False
-        if self._processor.eos_id() < 0:
-            raise ValueError(
-                f"sentencepiece model {self.tokenizer_model!r} has no EOS piece, so there is no "
-                f"end-of-document id; retrain it with eos_id >= 0"
-            )
+
+    def _eod_or_none(self) -> Optional[int]:
+        return self._processor.eos_id() if self._processor.eos_id() >= 0 else None
 
     def tokenize(self, text: str) -> List[int]:
         return self._processor.encode(text)
@@ -155,22 +169,17 @@ class HuggingFaceTokenizer(_PoseTokenizer):
 
     tokenizer_type = "huggingface"
 
-    def _load(self) -> None:
+    is_directory = True
+    path_hint = ("pass a local directory holding tokenizer.json / tokenizer_config.json (no "
+                 "downloads here); for a sentencepiece '.model' file use --tokenizer-type sentencepiece")
+
+    def _open(self) -> None:
         import transformers
 
-        self._require_path(directory=True, hint=(
-            "pass a local directory holding tokenizer.json / tokenizer_config.json (no downloads "
-            "here); for a sentencepiece '.model' file use --tokenizer-type sentencepiece"))
-        try:
-            self._tokenizer = transformers.AutoTokenizer.from_pretrained(self.tokenizer_model)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot load a Hugging Face tokenizer from {self.tokenizer_model!r} "
-                             f"({err})") from None
-        if self._tokenizer.eos_token_id is None:
-            raise ValueError(
-                f"Hugging Face tokenizer {self.tokenizer_model!r} has no eos_token, so there is no "
-                f"end-of-document id; set eos_token in its tokenizer_config.json"
-            )
+        self._tokenizer = transformers.AutoTokenizer.from_pretrained(self.tokenizer_model)
+
+    def _eod_or_none(self) -> Optional[int]:
+        return self._tokenizer.eos_token_id
 
     def tokenize(self, text: str) -> List[int]:
         return self._tokenizer.encode(text, add_special_tokens=False)

@@ -326,3 +326,16 @@ def test_evaluation_data_beyond_the_vocabulary_is_refused(tmp_path, monkeypatch)
                                  tensor_model_parallel_size=1, pipeline_model_parallel_size=1))
     with pytest.raises(ValueError, match="vocabulary of 100 tokens, but the inputs hold token id 150"):
         cli.evaluate_checkpoints(args, lambda backend: pytest.fail("evaluated"), max_token=150)
+
+
+def test_tokenizer_without_an_end_of_document_id_is_refused(tmp_path):
+    import sentencepiece
+
+    from pose_megatron.tokenizer import build_tokenizer
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"line {i} of some text to learn pieces from" for i in range(200)))
+    sentencepiece.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "no_eos"),
+                                             vocab_size=60, eos_id=-1, minloglevel=2)
+    with pytest.raises(ValueError, match="has no end-of-sequence token"):
+        build_tokenizer("sentencepiece", str(tmp_path / "no_eos.model"))
