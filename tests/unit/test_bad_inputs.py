@@ -336,6 +336,6 @@ def test_tokenizer_without_an_end_of_document_id_is_refused(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("\n".join(f"line {i} of some text to learn pieces from" for i in range(200)))
     sentencepiece.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "no_eos"),
-                                             vocab_size=60, eos_id=-1, minloglevel=2)
+                                             vocab_size=40, eos_id=-1, minloglevel=2)
     with pytest.raises(ValueError, match="has no end-of-sequence token"):
         build_tokenizer("sentencepiece", str(tmp_path / "no_eos.model"))
