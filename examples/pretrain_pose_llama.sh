@@ -106,9 +106,6 @@ else
               --master-addr "${MASTER_ADDR:-localhost}" --master-port "${MASTER_PORT:-6000}")
 fi
 
-# If torchrun itself is signalled (e.g. by scancel), it waits this long for the workers' save before
-# killing them (torch's default is 30 s).
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-3600}
 # torchrun in its own process group: a terminal's Ctrl-C reaches only this script, which passes
 # signals to the workers themselves (torchrun would SIGKILL them 30 s after forwarding one, cutting
 # a large save short).

@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
-from pose_megatron.data_checks import DataError, check_sizes
+from pose_megatron.data_checks import check_sizes
 
 
 class NoUsableDocumentsError(ValueError):
@@ -155,7 +155,4 @@ def load_documents(
             f"{min_tokens} tokens (the longest has {found.longest_skipped}); lower --min-doc-tokens "
             f"or the largest --lengths, or use longer documents"
         )
-    if tokenizer is not None and found.max_token >= tokenizer.vocab_size:
-        raise DataError(f"{data_path} holds token id {found.max_token}, but the tokenizer has "
-                        f"{tokenizer.vocab_size} tokens: the data was made with another tokenizer")
     return found

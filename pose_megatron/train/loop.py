@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from pose_megatron import runtime
 from pose_megatron.checkpoint.layout import read_tracker
@@ -124,7 +125,7 @@ def _save(trainer: Trainer) -> str:
     try:
         saved = save_training_checkpoint(root, trainer.model.module, trainer.optimizer,
                                          trainer.scheduler, trainer.progress, trainer.run_config)
-    except Exception as err:
+    except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
         if not _out_of_space(err, root):
             raise
         latest = read_tracker(root)
@@ -138,11 +139,14 @@ def _save(trainer: Trainer) -> str:
 
 
 def _out_of_space(err: BaseException, root: str) -> bool:
-    """ENOSPC anywhere in the chain; torch's zip writer reports it only as an 'enforce fail', so
-    a full file system under `root` counts too."""
+    """ENOSPC anywhere in the chain. torch's zip writer reports a short write only as "enforce fail
+    at inline_container.cc ... unexpected pos", and the save's temporary directory is gone by now,
+    so that message, or a file system under `root` that is still nearly full, counts too."""
     seen = err
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left" in str(seen):
+        text = str(seen)
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left" in text \
+                or ("inline_container" in text and "unexpected pos" in text):
             return True
         seen = seen.__cause__ or seen.__context__
     try:

@@ -81,9 +81,11 @@ def test_far_tokens_groups_windows_and_checks_the_replica_sums():
         evaluate_far_tokens(lonely, docs + docs, bos=1, start=256, end=512, short_window=64, stride=16)
 
 
-def test_far_token_tool_takes_no_lengths_and_checks_its_flags(capsys):
+def test_far_token_tool_takes_no_lengths_and_checks_its_flags(capsys, tmp_path):
     tool = load_tool("eval_far_tokens")
-    base = ["--hf-dir", "m", "--data-path", "a", "b", "--output", "o.json"]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")  # a model directory, never loaded here
+    base = ["--hf-dir", str(tmp_path / "m"), "--data-path", "a", "b", "--output", str(tmp_path / "o.json")]
     args = tool.parse_args(base)
     assert args.data_name == ["a", "b"] and not hasattr(args, "lengths")
     for extra, message in ((["--lengths", "128"], "unrecognized arguments: --lengths"),
@@ -109,6 +111,8 @@ def test_far_token_tool_fails_on_data_before_loading_any_model(tmp_path, capsys)
                                   model_writer=stream, vocab_size=30, hard_vocab_limit=False,
                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
     model.write_bytes(stream.getvalue())
+    (tmp_path / "no-model").mkdir()
+    (tmp_path / "no-model" / "config.json").write_text("{}")  # never loaded: the data fails first
     status = load_tool("eval_far_tokens").main([
         "--hf-dir", str(tmp_path / "no-model"), "--data-path", str(tmp_path / "d"),
         "--tokenizer-model", str(model), "--far-start", "512", "--far-end", "1024",

@@ -128,8 +128,10 @@ def test_no_usable_document_is_a_clear_error(tmp_path):
 
 
 def test_cli_fails_on_data_before_loading_any_model(tmp_path, capsys):
-    """A nonexistent model directory is never reached: the data error comes first."""
+    """The model directory (config.json only, no weights) is never loaded: the data error comes first."""
     eval_perplexity = load_tool("eval_perplexity")
+    (tmp_path / "no-model").mkdir()
+    (tmp_path / "no-model" / "config.json").write_text("{}")
     write_indexed(str(tmp_path / "d"), [list(range(3, 40))])
     status = eval_perplexity.main([
         "--hf-dir", str(tmp_path / "no-model"), "--data-path", str(tmp_path / "d"), "--bos-id", "1",
