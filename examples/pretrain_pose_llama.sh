@@ -106,6 +106,8 @@ else
               --master-addr "${MASTER_ADDR:-localhost}" --master-port "${MASTER_PORT:-6000}")
 fi
 
+# Every process of this run inherits this id, so the cleanup below finds them all.
+export POSE_MEGATRON_LAUNCH_ID=${POSE_MEGATRON_LAUNCH_ID:-pose-$$-$RANDOM$RANDOM}
 # torchrun in its own process group: a terminal's Ctrl-C reaches only this script, which passes
 # signals to the workers themselves (torchrun would SIGKILL them 30 s after forwarding one, cutting
 # a large save short).
@@ -120,8 +122,18 @@ forward() {  # $1: TERM or INT
   fi
   pkill "-$1" -P "$TORCHRUN" 2>/dev/null || true
 }
-cleanup() {  # whatever is left of torchrun's group (e.g. a checkpoint writer of a killed rank)
+cleanup() {
+  # Whatever is left: torchrun's group, and every process that inherited this run's id. Workers run
+  # in sessions of their own, and a killed rank's checkpoint writer, multiprocessing manager and
+  # resource tracker outlive it in theirs (holding this script's output open).
   kill -KILL -- "-$TORCHRUN" 2>/dev/null || true
+  local environ pid
+  for environ in /proc/[0-9]*/environ; do
+    pid=${environ#/proc/}; pid=${pid%/environ}
+    if [ "$pid" != $$ ] && grep -qzx "POSE_MEGATRON_LAUNCH_ID=$POSE_MEGATRON_LAUNCH_ID" "$environ" 2>/dev/null; then
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from launch import REPO, _env, corpus_flags, read_metrics
@@ -40,8 +41,9 @@ class LaunchScript:
     def __init__(self, tmp_path, train_iters, *extra, name="run", save="launch-ck"):
         self.save = tmp_path / save
         self.metrics = tmp_path / f"{name}.jsonl"
+        self.launch_id = f"test-{os.getpid()}-{time.time_ns()}"
         env = _env({**LAUNCH_ENV, "TRAIN_ITERS": str(train_iters), "SAVE": str(self.save),
-                    "PYTHON": sys.executable})
+                    "PYTHON": sys.executable, "POSE_MEGATRON_LAUNCH_ID": self.launch_id})
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
         self.proc = subprocess.Popen(
             ["bash", str(REPO / "examples" / "pretrain_pose_llama.sh"), "--eval-iters", "0",
@@ -69,11 +71,16 @@ class LaunchScript:
         return self.proc.returncode, out, err
 
     def group_is_gone(self) -> bool:
-        try:
-            os.killpg(self.group(), 0)
-        except ProcessLookupError:
-            return True
-        return False
+        """No process of this run is left: none inherited its launch id (workers, checkpoint
+        writers, multiprocessing managers, torchrun)."""
+        left = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if f"POSE_MEGATRON_LAUNCH_ID={self.launch_id}".encode() in environ.read_bytes().split(b"\0"):
+                    left.append(environ.parent.name)
+            except OSError:
+                pass
+        return not left
 
 
 def test_sigterm_to_the_launch_script_saves_exits_0_and_a_rerun_resumes(tmp_path):
