@@ -109,7 +109,8 @@ def get_layer_spec(use_transformer_engine: Optional[bool] = None) -> ModuleSpec:
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
+        # No normalization argument: TE's spec takes it from TransformerConfig.normalization (RMSNorm).
+        return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = PoseSDPAttention
     return spec

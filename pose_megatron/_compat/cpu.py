@@ -187,7 +187,7 @@ PATCHED_MODULES = {
          r"device='cuda'"),
     "megatron.core.distributed.param_and_grad_buffer":
         ("grad buffers on the CUDA device; communication streams",
-         r"torch\.cuda\.default_stream\(\)"),
+         r"torch\.cuda\.(default|current)_stream\(\)"),  # 0.17 moved to current_stream
     "megatron.core.distributed.distributed_data_parallel":
         ("a CUDA stream for grad sync; synchronize",
          r"torch\.cuda\.Stream\("),

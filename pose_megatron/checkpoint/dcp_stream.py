@@ -119,7 +119,8 @@ class StreamingDistWriter:
         with single_process_dcp():
             dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
         torch.save({}, ckpt_dir / "common.pt")  # the non-sharded part of {"model": ...} is empty
-        save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), str(ckpt_dir))
+        # The common-state backend fields ("torch", 1) are the defaults before 0.19, gone in 0.19.
+        save_config(CheckpointingConfig("torch_dist", 1), str(ckpt_dir))
 
 
 class _CachedMetadataReader(FileSystemReader):

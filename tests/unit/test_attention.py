@@ -44,3 +44,23 @@ def test_sdpa_honours_an_explicit_megatron_mask(megatron_env):
     blocked[..., 3] = True  # and key 3 is masked for every query
     blocked[..., 0, 0] = False  # (query 0 keeps one key to attend to)
     torch.testing.assert_close(attn(q, k, v, blocked), attn(q, k, v_changed, blocked))
+
+
+def test_transformer_engine_spec_is_asked_for_with_arguments_it_takes(monkeypatch):
+    """The TE spec cannot be built without TE, but the call can be checked against megatron-core's
+    own signature (an unknown keyword would only fail on a GPU)."""
+    import inspect
+
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from pose_megatron.model import get_layer_spec
+
+    real = inspect.signature(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec)
+    built = object()
+
+    def checked(*args, **kwargs):
+        real.bind(*args, **kwargs)  # TypeError for arguments megatron-core does not take
+        return built
+
+    monkeypatch.setattr(gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec", checked)
+    assert get_layer_spec(use_transformer_engine=True) is built
