@@ -165,7 +165,9 @@ def _stored_run_config(training: TrainingConfig):
                          "its architecture is unknown: pass --finetune with the model flags (--model "
                          "or --num-layers, --hidden-size, ...) to start from its weights")
     stored, notes = run_config_from_megatron_args(saved.args, load, release=saved.release)
-    for note in notes:
+    from pose_megatron.runtime import is_first_rank
+
+    for note in notes if is_first_rank() else ():
         logger.warning("--load %s: %s", load, note)
     return stored
 

@@ -122,7 +122,9 @@ class TrainingConfig:
     save_interval: Optional[int] = None
     """Steps between checkpoints (a checkpoint is also written at the end and on SIGTERM)."""
     load: Optional[str] = None
-    """Checkpoint to resume from (model, optimizer, scheduler, RNG, iteration, consumed samples)."""
+    """Checkpoint to resume from (model, optimizer, scheduler, RNG, iteration, consumed samples): this
+    trainer's, a converted one, or a torch_dist checkpoint of stock Megatron-LM (its args give the
+    architecture)."""
     finetune: bool = False
     """With --load: take the weights only; iteration, optimizer and schedule start afresh."""
     no_load_optim: bool = False
