@@ -9,7 +9,9 @@ resumes the other's checkpoints:
     sharded    model tensors, optimizer state, "rng_state" (one object per (pp, tp) rank)
 Model weights reshard to any TP / PP on load. Optimizer state reloads only at the layout it was
 saved with; what cannot be restored is refused before training with the flag to pass
-(resume_checks.plan_resume).
+(resume_checks.plan_resume). Loaded without optimizer state, the weights are copied into the
+optimizer's fp32 main params (bf16 / fp16), which were built from the random initialisation, as
+Megatron-LM's loader does.
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ def load_training_checkpoint(load, model, optimizer, scheduler,
     saved = read_saved_state(ckpt)
     if options.finetune or saved.release:
         load_model_weights(ckpt, model)
+        optimizer.reload_model_params()  # bf16 / fp16: the fp32 main params were the random init
         logger.info("loaded weights from %s (fine-tuning: fresh optimizer and schedule)", ckpt)
         return TrainingProgress()
     plan = plan_resume(
@@ -198,6 +201,8 @@ def load_training_checkpoint(load, model, optimizer, scheduler,
         if plan.load_optimizer:
             optimizer.load_state_dict(state["optimizer"])
             restore_adam_steps(optimizer, state["optimizer"])
+        else:
+            optimizer.reload_model_params()  # as above: main params from the loaded weights
     progress = TrainingProgress(saved.iteration, saved.consumed_train_samples)
     if plan.schedule is not None:
         scheduler.load_state_dict(plan.schedule)

@@ -101,3 +101,28 @@ def test_rng_state_from_another_kind_of_machine_asks_for_no_load_rng(megatron_en
         name: torch.zeros(16, dtype=torch.uint8) for name in state["rng_tracker_states"]})
     with pytest.raises(ValueError, match="made with CUDA.*pass --no-load-rng"):
         _check_generator_states(cuda_made, "ckpt")
+
+
+def test_weights_loaded_without_optimizer_state_reach_the_bf16_main_params(megatron_env, tmp_path):
+    """bf16 keeps fp32 main params, copied from the weights when the optimizer is built; loading
+    weights afterwards (--finetune, a converted checkpoint, --no-load-optim) must refresh them,
+    or the first step writes the random initialisation back. (The distributed optimizer is the
+    bf16 optimizer that builds on CPU.)"""
+    from pose_megatron.checkpoint.megatron_io import save_model_weights
+
+    bf16 = TrainingConfig(train_iters=4, lr=1e-3, lr_warmup_iters=0, lr_decay_style="constant",
+                          precision="bf16", use_distributed_optimizer=True)
+    model, _, _ = setup_model_and_optimizer(TINY, RopeScaling(), bf16, SEQ, 1, 1, global_batch_size=BATCH)
+    save_model_weights(tmp_path, "release", model.module, RunConfig(model=TINY, rope_scaling=RopeScaling()))
+    saved = {k: v.float().clone() for k, v in model.module.state_dict().items()
+             if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    torch.manual_seed(7)
+    other, optimizer, scheduler = setup_model_and_optimizer(TINY, RopeScaling(), bf16, SEQ, 1, 1,
+                                                            global_batch_size=BATCH)
+    load_training_checkpoint(tmp_path, other.module, optimizer, scheduler, LoadOptions(
+        global_batch_size=BATCH, expected_schedule=bf16.schedule_in_samples(BATCH),
+        use_distributed_optimizer=True))
+    train_step(other, optimizer, scheduler, _batches(0), 1, SEQ, BATCH)
+    after = other.module.state_dict()
+    moved = max((after[k].float() - v).abs().max().item() for k, v in saved.items())
+    assert moved < 5e-3  # one Adam step of lr 1e-3 (and bf16 rounding); the random init is ~1e-1 away
