@@ -53,7 +53,8 @@ def measure(name: str, steps: int) -> dict:
     model_cfg = get_preset("small", vocab_size=tokenizer.vocab_size)
     rope = RopeScaling("yarn-revised", factor=8.0, original_max_position_embeddings=512)
     training = TrainingConfig(train_iters=steps + 2, lr=1e-4, lr_warmup_iters=1, precision="fp32")
-    model, optimizer, scheduler = setup_model_and_optimizer(model_cfg, rope, training, run["seq"], 1, 1)
+    model, optimizer, scheduler = setup_model_and_optimizer(model_cfg, rope, training, run["seq"], 1, 1,
+                                                            global_batch_size=1)
     pose = PoseSampling(run["seq"], run["target"], content=run["content"])
     train_ds, _, _ = build_pose_datasets([corpus.train_prefix], None, "100,0,0", [steps + 2, 0, 0],
                                          0, tokenizer, pose)

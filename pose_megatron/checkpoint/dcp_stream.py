@@ -14,7 +14,7 @@ import io
 import math
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -106,8 +106,9 @@ class StreamingDistWriter:
         self._items.append(WriteItem(index=index, type=WriteItemType.BYTE_IO))
         self._producers[_item_key(index)] = _empty_extra_state
 
-    def write(self, ckpt_dir: Union[str, Path]) -> None:
-        """The checkpoint of exactly the declared items, in ckpt_dir (existing, empty)."""
+    def write(self, ckpt_dir: Union[str, Path], common: Optional[dict] = None) -> None:
+        """The checkpoint of exactly the declared items, in ckpt_dir (existing, empty); `common`
+        is the non-sharded part of the state dict (common.pt)."""
         from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
         ckpt_dir = Path(ckpt_dir)
@@ -118,7 +119,7 @@ class StreamingDistWriter:
         planner = _StreamingSavePlanner(self._items, self._producers)
         with single_process_dcp():
             dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
-        torch.save({}, ckpt_dir / "common.pt")  # the non-sharded part of {"model": ...} is empty
+        torch.save(dict(common or {}), ckpt_dir / "common.pt")
         # The common-state backend fields ("torch", 1) are the defaults before 0.19, gone in 0.19.
         save_config(CheckpointingConfig("torch_dist", 1), str(ckpt_dir))
 

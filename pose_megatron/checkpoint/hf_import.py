@@ -4,9 +4,10 @@
 one chunk per layer and tensor (gate and up separately, the vocabulary tensors in row blocks), each
 built only when the writer asks for it, from positioned reads of the HF files. Peak memory is
 about one chunk. The result is exactly what megatron-core itself writes for `{"model":
-model.sharded_state_dict()}` (same keys, global shapes, `_extra_state` objects, metadata.json,
-common.pt), in Megatron-LM's layout `SAVE/release/` + tracker "release", with the run configuration
-in `pose_config.json` (docs/reference.md, "Checkpoint layouts"). It loads with `load_model_weights`
+model.sharded_state_dict()}` (same keys, global shapes, `_extra_state` objects, metadata.json),
+in Megatron-LM's layout `SAVE/release/` + tracker "release", with the run configuration in
+`pose_config.json` (docs/reference.md, "Checkpoint layouts"), and a common.pt as stock Megatron-LM
+reads it (`checkpoint_version` 3.0, `iteration` 0, `args`; see megatron_args.py). It loads with `load_model_weights`
 at any TP / PP (a different vocabulary padding too: see vocab_padding.check_vocab_padding).
 """
 
@@ -31,6 +32,7 @@ from pose_megatron.checkpoint.layout import (
     save_run_config,
     write_tracker,
 )
+from pose_megatron.checkpoint.megatron_args import log_stock_rope, megatron_args, sharded_sd_metadata
 from pose_megatron.checkpoint.megatron_keys import (
     ALL_KEYS,
     EMBEDDING,
@@ -40,6 +42,7 @@ from pose_megatron.checkpoint.megatron_keys import (
     is_layer_key,
     megatron_shapes,
 )
+from pose_megatron.checkpoint.saved_state import CHECKPOINT_VERSION
 from pose_megatron.checkpoint.weights import (
     MAX_PIECE_BYTES,
     dtype_label,
@@ -185,12 +188,16 @@ def convert_hf_to_megatron(
                 "hf_config": info.source,
             },
         )
-        return _save_release(save_dir, writer, run_config)
+        args = megatron_args(run_config, (tp, pp, 1), params_dtype=dtypes[EMBEDDING])
+        common = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+                  "content_metadata": sharded_sd_metadata(use_distributed_optimizer=False)}
+        return _save_release(save_dir, writer, run_config, common)
     finally:
         weights.close()
 
 
-def _save_release(save_dir: Path, writer: StreamingDistWriter, run_config: RunConfig) -> Path:
+def _save_release(save_dir: Path, writer: StreamingDistWriter, run_config: RunConfig,
+                  common: dict) -> Path:
     created = not save_dir.exists()
     save_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -203,11 +210,12 @@ def _save_release(save_dir: Path, writer: StreamingDistWriter, run_config: RunCo
     try:
         # replace=True (only reached with overwrite): the old release/ goes once the new one is whole.
         with atomic_directory(save_dir / iteration_dirname(RELEASE), replace=True) as tmp:
-            writer.write(tmp)
+            writer.write(tmp, common)
             save_run_config(tmp, run_config)
     except BaseException:
         if created:
             shutil.rmtree(save_dir, ignore_errors=True)
         raise
     write_tracker(save_dir, RELEASE)
+    log_stock_rope(run_config, save_dir / iteration_dirname(RELEASE))
     return save_dir / iteration_dirname(RELEASE)

@@ -146,6 +146,11 @@ def resolve_checkpoint_dir(path: Union[str, Path]) -> Path:
             "pass the --save directory of a run, or one of its iter_* directories"
         )
     if not (ckpt / "metadata.json").exists():
+        if any(ckpt.glob("mp_rank_*")):
+            raise FileNotFoundError(
+                f"{ckpt} is in Megatron-LM's legacy --ckpt-format torch (mp_rank_*/"
+                "model_optim_rng.pt), which pose_megatron does not read: convert it to torch_dist "
+                "with Megatron-LM (--ckpt-convert-format torch_dist --ckpt-convert-save DIR)")
         raise FileNotFoundError(f"{ckpt} is incomplete or missing (no metadata.json)")
     return ckpt
 

@@ -2,11 +2,14 @@
 
 The sharded state dict is `{"model": model.sharded_state_dict(), ...}`: tensors are stored with their
 global shapes and layer numbers, so weights load at any TP / PP. The trainer adds optimizer,
-scheduler and RNG entries to the same dict; the tools here read only "model".
+scheduler and RNG entries to the same dict; the tools here read only "model". Every save also
+carries what stock Megatron-LM reads from the common state: `checkpoint_version` 3.0, `iteration`
+and an `args` namespace in its argument names (checkpoint/megatron_args.py).
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Optional, Union
 
@@ -14,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from pose_megatron.checkpoint.layout import (
+    RELEASE,
     Iteration,
     RunConfig,
     iteration_dirname,
@@ -22,6 +26,8 @@ from pose_megatron.checkpoint.layout import (
     save_run_config,
     write_tracker,
 )
+from pose_megatron.checkpoint.megatron_args import log_stock_rope, megatron_args, sharded_sd_metadata
+from pose_megatron.checkpoint.saved_state import CHECKPOINT_VERSION
 from pose_megatron.files import atomic_directory, incomplete_name
 from pose_megatron.runtime import is_first_rank
 
@@ -31,24 +37,44 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def parallel_layout() -> tuple:
+    """(TP, PP, DP) of this process's model-parallel groups ((1, 1, 1) without them)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1, 1, 1
+    return (parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_data_parallel_world_size())
+
+
 def save_sharded(
     root: Union[str, Path],
     iteration: Iteration,
     sharded_state_dict: dict,
     run_config: RunConfig,
+    *,
+    args: Optional[argparse.Namespace] = None,
+    content_metadata: Optional[dict] = None,
 ) -> Path:
     """Save a sharded state dict as ROOT/iter_XXXXXXX, atomically; collective over all ranks.
 
     Every rank writes into the first rank's temporary directory (files.atomic_directory); it is
     renamed and made the latest only once every rank has finished, so an interrupted save never
-    shadows the previous checkpoint.
+    shadows the previous checkpoint. `args` (default: those of a weights-only checkpoint at the
+    current layout) and `content_metadata` go to the common state, as Megatron-LM saves them.
     """
     root = Path(root)
     final = root / iteration_dirname(iteration)
+    step = 0 if iteration == RELEASE else int(iteration)
+    if args is None:
+        args = megatron_args(run_config, parallel_layout(), iteration=step)
+    sharded_state_dict = dict(sharded_state_dict, args=args, checkpoint_version=CHECKPOINT_VERSION,
+                              iteration=step)
 
     def write_into(tmp: Path) -> None:
         _barrier()  # the first rank has created tmp
-        dist_checkpointing.save(sharded_state_dict, str(tmp))
+        dist_checkpointing.save(sharded_state_dict, str(tmp), content_metadata=content_metadata)
         _barrier()  # every rank has written its part
         if is_first_rank():
             save_run_config(tmp, run_config)
@@ -58,6 +84,7 @@ def save_sharded(
         with atomic_directory(final, replace=True) as tmp:
             write_into(tmp)
         write_tracker(root, iteration)
+        log_stock_rope(run_config, final)
     else:
         write_into(incomplete_name(final))
     _barrier()
@@ -78,4 +105,5 @@ def load_model_weights(path: Union[str, Path], model) -> Optional[RunConfig]:
 
 def save_model_weights(root: Union[str, Path], iteration: Iteration, model, run_config: RunConfig) -> Path:
     """Save only the model's weights (e.g. an export or a converted checkpoint); collective."""
-    return save_sharded(root, iteration, {"model": model.sharded_state_dict()}, run_config)
+    return save_sharded(root, iteration, {"model": model.sharded_state_dict()}, run_config,
+                        content_metadata=sharded_sd_metadata(use_distributed_optimizer=False))

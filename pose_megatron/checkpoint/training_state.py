@@ -1,17 +1,24 @@
 """Full training checkpoints: model, optimizer, LR schedule, RNG, iteration and consumed samples.
 
-One dist checkpoint per save (see megatron_io.save_sharded for the atomic write):
-    {"model": ..., "optimizer": ..., "opt_param_scheduler": {...}, "iteration": k,
-     "consumed_train_samples": n, "parallel": {"tp", "pp", "dp"}, "rng_state": per-rank object}
-Model weights reshard to any TP / PP on load. Optimizer state (and RNG) reload only at the layout
-they were saved with; at another layout, pass --no-load-optim (fresh optimizer, schedule and
-iteration kept) or --finetune (weights only), and the run says so.
+One dist checkpoint per save (see megatron_io.save_sharded for the atomic write), in the keys and
+layout stock Megatron-LM saves (docs/reference.md, "Megatron-LM checkpoints"), so either trainer
+resumes the other's checkpoints:
+    common.pt  {"args": Megatron-LM's namespace (consumed_train_samples, layout, ...),
+                "checkpoint_version": 3.0, "iteration": k, "optimizer": ..., "content_metadata": ...,
+                "opt_param_scheduler": {... counted in samples}}
+    sharded    model tensors, optimizer state, "rng_state" (one object per (pp, tp) rank)
+Model weights reshard to any TP / PP on load. Optimizer state reloads only at the layout it was
+saved with; what cannot be restored is refused before training with the flag to pass
+(resume_checks.plan_resume). Loaded without optimizer state, the weights are copied into the
+optimizer's fp32 main params (bf16 / fp16), which were built from the random initialisation, as
+Megatron-LM's loader does.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,12 +28,17 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from pose_megatron.checkpoint.layout import RunConfig, holds_checkpoint, resolve_checkpoint_dir
-from pose_megatron.checkpoint.megatron_io import load_model_weights, save_sharded
+from pose_megatron.checkpoint.megatron_args import megatron_args, sharded_sd_metadata
+from pose_megatron.checkpoint.megatron_io import load_model_weights, parallel_layout, save_sharded
+from pose_megatron.checkpoint.optimizer_state import (
+    materialise_distributed_adam_state,
+    set_schedule_bounds,
+    restore_adam_steps,
+)
+from pose_megatron.checkpoint.resume_checks import plan_resume
+from pose_megatron.checkpoint.saved_state import SavedState, read_saved_state
 
 logger = logging.getLogger(__name__)
-
-# The distributed optimizer's format that dist_checkpointing saves and loads on CPU and GPU alike.
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 @dataclass
@@ -39,111 +51,171 @@ class TrainingProgress:
     """Training samples consumed (the data position to resume from)."""
 
 
-def _layout() -> dict:
-    return {
-        "tp": parallel_state.get_tensor_model_parallel_world_size(),
-        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-        "dp": parallel_state.get_data_parallel_world_size(),
-    }
+@dataclass
+class LoadOptions:
+    """How a run resumes a checkpoint (the trainer's --load flags)."""
+
+    global_batch_size: int
+    """Samples per step of this run (the schedule counts samples)."""
+    expected_schedule: dict
+    """The schedule this run builds (saved_state.SCHEDULE_KEYS, in samples)."""
+    use_distributed_optimizer: bool = False
+    finetune: bool = False
+    """Weights only: progress, optimizer and schedule start afresh."""
+    no_load_optim: bool = False
+    """Fresh optimizer state; weights, schedule and progress restored."""
+    no_load_rng: bool = False
+    override_opt_param_scheduler: bool = False
+    """Continue with this run's schedule (from the checkpoint's sample count)."""
+    use_checkpoint_opt_param_scheduler: bool = False
+    """Continue with the checkpoint's schedule, whatever this run's flags say."""
 
 
-def _rng_object(data: Optional[dict]) -> ShardedObject:
-    layout = _layout()
-    return ShardedObject(
-        "rng_state",
-        data,
-        (layout["pp"], layout["tp"], layout["dp"]),
-        (
-            parallel_state.get_pipeline_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_data_parallel_rank(),
-        ),
-        replica_id=0,
-    )
+def _rng_object(state, earlier_format: bool = False) -> ShardedObject:
+    """Megatron-LM's RNG object: one list [state] per (pp, tp) rank, written by the first DP rank
+    (the earlier format: one dict per (pp, tp, dp) rank)."""
+    pp, tp, dp = (parallel_state.get_pipeline_model_parallel_rank(),
+                  parallel_state.get_tensor_model_parallel_rank(),
+                  parallel_state.get_data_parallel_rank())
+    tp_size, pp_size, dp_size = parallel_layout()
+    if earlier_format:
+        return ShardedObject("rng_state", state, (pp_size, tp_size, dp_size), (pp, tp, dp), replica_id=0)
+    return ShardedObject("rng_state", state, (pp_size, tp_size), (pp, tp), replica_id=dp)
 
 
-def _capture_rng() -> dict:
+def _capture_rng() -> list:
+    """Megatron-LM's keys. Without CUDA there is no CUDA generator: `cuda_rng_state` is left out,
+    so stock Megatron-LM asks for --no-load-rng instead of setting a CUDA generator from a CPU
+    state (the tracker's states are CPU generator states then)."""
     state = {
-        "random": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    return [state]
+
+
+def _megatron_rng(saved) -> dict:
+    """Either format as Megatron-LM's dict (the earlier one used short keys)."""
+    if isinstance(saved, list):
+        return saved[0]
+    return {"random_rng_state": saved["random"], "np_rng_state": saved["numpy"],
+            "torch_rng_state": saved["torch"], "rng_tracker_states": saved["tracker"],
+            **({"cuda_rng_state": saved["cuda"]} if "cuda" in saved else {})}
+
+
+def _check_generator_states(state: dict, where: str) -> None:
+    """States made on another kind of device do not fit this one's generators (a CUDA generator
+    state is a seed and an offset; a CPU one is the whole Mersenne twister)."""
+    current = tensor_parallel.get_cuda_rng_tracker().get_states()
+    saved = state["rng_tracker_states"]
+    on_gpu = torch.cuda.is_available()
+    mismatch = set(saved) != set(current) or any(saved[k].numel() != current[k].numel() for k in saved)
+    if on_gpu:
+        cuda = state.get("cuda_rng_state")
+        mismatch = mismatch or cuda is None or cuda.numel() != torch.cuda.get_rng_state().numel()
+    if mismatch:
+        made = "on a machine without CUDA" if on_gpu else "with CUDA (or another RNG tracker)"
+        raise ValueError(f"the RNG state of {where} was made {made} and does not fit this "
+                         "machine's generators; pass --no-load-rng to resume without it")
 
 
 def _restore_rng(state: dict) -> None:
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _state_dict(model, optimizer, scheduler, progress, rng, is_loading: bool) -> dict:
-    model_sd = model.sharded_state_dict()
-    state = {"model": model_sd, "parallel": _layout(), "rng_state": _rng_object(rng)}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=_OPTIMIZER_METADATA
-        )
-    if scheduler is not None:
-        state["opt_param_scheduler"] = scheduler.state_dict()
-    state["iteration"] = progress.iteration
-    state["consumed_train_samples"] = progress.consumed_train_samples
-    return state
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
 
 
 def save_training_checkpoint(root, model, optimizer, scheduler, progress: TrainingProgress,
-                             run_config: RunConfig):
-    """Write ROOT/iter_XXXXXXX for this step (collective); the previous one stays valid until done."""
-    state = _state_dict(model, optimizer, scheduler, progress, _capture_rng(), is_loading=False)
-    return save_sharded(root, progress.iteration, state, run_config)
+                             run_config: RunConfig, *, training_args: Optional[dict] = None,
+                             use_distributed_optimizer: bool = False):
+    """Write ROOT/iter_XXXXXXX for this step (collective); the previous one stays valid until done.
+
+    `training_args`: the run's own fields for `args`, in Megatron-LM's names (megatron_args)."""
+    metadata = sharded_sd_metadata(use_distributed_optimizer)
+    model_sd = model.sharded_state_dict(metadata=metadata)
+    state = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=metadata),
+        "opt_param_scheduler": scheduler.state_dict(),
+        "rng_state": _rng_object(_capture_rng()),
+    }
+    args = megatron_args(run_config, parallel_layout(), iteration=progress.iteration,
+                         consumed_train_samples=progress.consumed_train_samples,
+                         params_dtype=model.config.params_dtype, training=training_args)
+    return save_sharded(root, progress.iteration, state, run_config, args=args,
+                        content_metadata=metadata)
 
 
-def load_training_checkpoint(load, model, optimizer, scheduler, *, finetune: bool = False,
-                             no_load_optim: bool = False) -> Optional[TrainingProgress]:
+def _content_metadata(saved: SavedState) -> dict:
+    """The metadata the checkpoint's sharded state dict was built with (Megatron-LM's reading)."""
+    metadata = dict(saved.content_metadata or {})
+    if saved.sharding_type is not None:
+        metadata.setdefault("distrib_optim_sharding_type", saved.sharding_type)
+    return metadata
+
+
+def load_training_checkpoint(load, model, optimizer, scheduler,
+                             options: LoadOptions) -> Optional[TrainingProgress]:
     """Restore a run from `load` (collective). None when `load` holds no checkpoint yet.
 
-    finetune: weights only (progress starts at zero). no_load_optim: weights, schedule, progress.
-    """
+    A converted (release) checkpoint or `options.finetune` loads the weights only."""
     if not holds_checkpoint(load):
         logger.warning("no checkpoint under %s; starting from scratch", load)
         return None
     ckpt = resolve_checkpoint_dir(load)
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    saved_layout = common.get("parallel")
-    same_layout = saved_layout == _layout()
-    if finetune or "iteration" not in common:  # a converted checkpoint holds weights only
+    saved = read_saved_state(ckpt)
+    if options.finetune or saved.release:
         load_model_weights(ckpt, model)
+        optimizer.reload_model_params()  # bf16 / fp16: the fp32 main params were the random init
         logger.info("loaded weights from %s (fine-tuning: fresh optimizer and schedule)", ckpt)
         return TrainingProgress()
-    load_optim = optimizer is not None and not no_load_optim
-    if load_optim and not same_layout:
-        raise RuntimeError(
-            f"{ckpt} was saved at TP={saved_layout['tp']} PP={saved_layout['pp']} "
-            f"DP={saved_layout['dp']}; this run is TP={_layout()['tp']} PP={_layout()['pp']} "
-            f"DP={_layout()['dp']}. Optimizer state reloads only at the layout it was saved with: "
-            "resume at that layout, or pass --no-load-optim (fresh optimizer state, schedule and "
-            "iteration kept) or --finetune (weights only)."
-        )
-    template = _state_dict(model, optimizer if load_optim else None, None,
-                           TrainingProgress(), None, is_loading=True)
-    if not same_layout:
-        del template["rng_state"]
-    state = dist_checkpointing.load(template, str(ckpt))
-    model.load_state_dict(state["model"])
-    if load_optim:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and "opt_param_scheduler" in common:
-        scheduler.load_state_dict(common["opt_param_scheduler"])
-    if same_layout and state.get("rng_state") is not None:
-        _restore_rng(state["rng_state"])
-    progress = TrainingProgress(common["iteration"], common["consumed_train_samples"])
-    logger.info("resumed from %s at iteration %d (%d samples consumed)%s", ckpt,
-                progress.iteration, progress.consumed_train_samples,
-                "" if load_optim else "; optimizer state not loaded")
+    plan = plan_resume(
+        saved, layout=parallel_layout(), use_distributed_optimizer=options.use_distributed_optimizer,
+        no_load_optim=options.no_load_optim, no_load_rng=options.no_load_rng,
+        expected_schedule=options.expected_schedule, global_batch=options.global_batch_size,
+        override_schedule=options.override_opt_param_scheduler,
+        use_checkpoint_schedule=options.use_checkpoint_opt_param_scheduler)
+    metadata = _content_metadata(saved)
+    model_sd = model.sharded_state_dict(metadata=metadata)
+    template = {"model": model_sd}
+    if plan.load_optimizer:
+        # The template is built from the optimizer's own state, which torch's AdamW creates only
+        # at its first step.
+        materialise_distributed_adam_state(optimizer)
+        template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                             metadata=metadata)
+    if plan.load_rng:
+        template["rng_state"] = _rng_object(None, earlier_format=saved.earlier_format)
+    # fp32 distributed-optimizer main params are views of the model's parameters, which need grad:
+    # the state is copied into them in place.
+    with torch.no_grad() if plan.load_optimizer else nullcontext():
+        state = dist_checkpointing.load(template, str(ckpt))
+        model.load_state_dict(state["model"])
+        if plan.load_optimizer:
+            optimizer.load_state_dict(state["optimizer"])
+            restore_adam_steps(optimizer, state["optimizer"])
+        else:
+            optimizer.reload_model_params()  # as above: main params from the loaded weights
+    progress = TrainingProgress(saved.iteration, saved.consumed_train_samples)
+    if plan.schedule is not None:
+        scheduler.load_state_dict(plan.schedule)
+    else:
+        scheduler.step(increment=progress.iteration * options.global_batch_size)
+    set_schedule_bounds(optimizer, scheduler)
+    if plan.load_rng:
+        rng = _megatron_rng(state["rng_state"])
+        _check_generator_states(rng, str(ckpt))
+        _restore_rng(rng)
+    for note in plan.notes:
+        logger.info("%s: %s", ckpt, note)
+    logger.info("resumed from %s (%s) at iteration %d (%d samples consumed)%s", ckpt,
+                saved.written_by, progress.iteration, progress.consumed_train_samples,
+                "" if plan.load_optimizer else "; optimizer state not loaded")
     return progress

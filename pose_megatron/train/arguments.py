@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -21,6 +22,7 @@ from pose_megatron.checkpoint.layout import (
     resolve_checkpoint_dir,
     why_no_checkpoint,
 )
+from pose_megatron.checkpoint.megatron_args import MEGATRON_LM_SOURCE
 from pose_megatron.files import is_writable
 from pose_megatron.positions import PoseSampling
 from pose_megatron.presets import MODEL_PRESETS, ModelConfig, get_preset
@@ -32,6 +34,8 @@ from pose_megatron.train.config import (
     TrainingRun,
 )
 from pose_megatron.train.flags import add_dataclass_flags, group_values
+
+logger = logging.getLogger(__name__)
 
 # Flags whose Megatron-LM name differs from "--<group prefix><field>".
 RENAMES = {
@@ -62,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--model", dest="run.model", default="tiny", choices=sorted(MODEL_PRESETS),
-                        help="architecture preset (ignored with --load of a pose_megatron checkpoint, "
-                             "which holds its own architecture)")
+                        help="architecture preset (ignored with --load: a pose_megatron checkpoint holds "
+                             "its architecture in pose_config.json, a Megatron-LM one in its args)")
     add_dataclass_flags(parser.add_argument_group("model (override the preset or checkpoint)"),
                         ModelConfig, "model", exclude=_NOT_MODEL_FLAGS, keep_defaults=False)
     add_dataclass_flags(parser.add_argument_group("PoSE sampling"), PoseSampling, "pose",
@@ -99,12 +103,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
 def build_run(namespace: argparse.Namespace, world_size: int) -> TrainingRun:
     """The parsed flags as built, cross-checked configs; ValueError names the problem and the fix."""
     pose = _pose_sampling(namespace)
-    rope = _rope_scaling(namespace, pose)
     data = DataConfig(**group_values(namespace, "data"))
     training = TrainingConfig(**group_values(namespace, "train"))
     parallel = ParallelConfig(**group_values(namespace, "parallel"))
     _check_paths(training, data)
-    stored = _stored_run_config(training.load)
+    stored = _stored_run_config(training)
+    rope = _rope_scaling(namespace, pose, stored)
     model = _model_config(namespace, stored, data)
     run = TrainingRun(model=model, rope=rope, pose=pose, training=training, data=data,
                       parallel=parallel, stored=stored, world_size=world_size)
@@ -125,22 +129,47 @@ def _pose_sampling(namespace) -> PoseSampling:
     return PoseSampling(**values)  # ValueError names the field
 
 
-def _rope_scaling(namespace, pose: PoseSampling) -> RopeScaling:
-    """The flags' RopeScaling; a scaled type without --rope-factor gets target / seq length."""
+def _rope_scaling(namespace, pose: PoseSampling, stored) -> RopeScaling:
+    """The flags' RopeScaling (a scaled type without --rope-factor gets target / seq length); with
+    no --rope-* flag at all, the loaded checkpoint's own (a LLaMA-3.1 keeps its llama3 scaling)."""
     values = group_values(namespace, "rope", given_only=True)
+    if not values and stored is not None:
+        return stored.rope_scaling
     if values.get("rope_type", "default") != "default" and "factor" not in values:
         values["factor"] = pose.target_length / pose.seq_length
     return RopeScaling(**values)
 
 
-def _stored_run_config(load: Optional[str]):
-    """The RunConfig a --load checkpoint holds (None when it holds none yet, or none at all)."""
+def _stored_run_config(training: TrainingConfig):
+    """The RunConfig of the --load checkpoint: its pose_config.json, else (a checkpoint stock
+    Megatron-LM saved) built from its `args`. None when --load holds no checkpoint yet, or, with
+    --finetune, a checkpoint that records no architecture (the flags then give it)."""
+    from pose_megatron.checkpoint.megatron_args import run_config_from_megatron_args
+    from pose_megatron.checkpoint.saved_state import read_saved_state
+
+    load = training.load
     if not load or not holds_checkpoint(load):
         return None
     try:
-        return load_run_config(resolve_checkpoint_dir(load))
+        ckpt = resolve_checkpoint_dir(load)
     except FileNotFoundError as err:
         raise ValueError(f"--load {load}: {err}") from err
+    stored = load_run_config(ckpt)
+    if stored is not None:
+        return stored
+    saved = read_saved_state(ckpt)
+    if saved.args is None:
+        if training.finetune:
+            return None
+        raise ValueError(f"--load {load} holds neither a pose_config.json nor Megatron-LM args, so "
+                         "its architecture is unknown: pass --finetune with the model flags (--model "
+                         "or --num-layers, --hidden-size, ...) to start from its weights")
+    stored, notes = run_config_from_megatron_args(saved.args, load, release=saved.release)
+    from pose_megatron.runtime import is_first_rank
+
+    for note in notes if is_first_rank() else ():
+        logger.warning("--load %s: %s", load, note)
+    return stored
 
 
 def _model_config(namespace, stored, data: DataConfig) -> ModelConfig:
@@ -151,17 +180,19 @@ def _model_config(namespace, stored, data: DataConfig) -> ModelConfig:
     overrides = group_values(namespace, "model", given_only=True)
     tokenizer_vocab = build_tokenizer(data.tokenizer_type, data.tokenizer_model).vocab_size
     if stored is not None:
+        source = ("its Megatron-LM args" if stored.extra.get("architecture_from") == MEGATRON_LM_SOURCE
+                  else "its pose_config.json")
         for name in _SHAPE_FIELDS:
             if name in overrides and overrides[name] != getattr(stored.model, name):
                 raise ValueError(
                     f"--{name.replace('_', '-')} {overrides[name]} contradicts the checkpoint's "
-                    f"{getattr(stored.model, name)} (its pose_config.json); --load takes the "
+                    f"{getattr(stored.model, name)} ({source}); --load takes the "
                     "architecture from the checkpoint: drop the flag")
         model = dataclasses.replace(stored.model, **overrides)
         if tokenizer_vocab > model.vocab_size:
             raise ValueError(
                 f"the tokenizer has {tokenizer_vocab} tokens but the checkpoint's model only "
-                f"{model.vocab_size}: use the checkpoint's tokenizer")
+                f"{model.vocab_size} ({source}): use the checkpoint's tokenizer")
         return model
     return get_preset(group_values(namespace, "run")["model"], vocab_size=tokenizer_vocab, **overrides)
 
@@ -253,6 +284,25 @@ def _check_checkpoint(run: TrainingRun) -> None:
 
     check_vocab_padding(dataclasses.replace(run.stored, model=run.model),
                         run.parallel.tensor_model_parallel_size, checkpoint=run.training.load)
+    if run.resuming:
+        _check_resume(run)
+
+
+def _check_resume(run: TrainingRun) -> None:
+    """The optimizer, schedule and RNG state the resume will load fit this run (else the flag to
+    pass), decided now rather than after the processes have started."""
+    from pose_megatron.checkpoint.resume_checks import plan_resume
+    from pose_megatron.checkpoint.saved_state import read_saved_state
+
+    t, p = run.training, run.parallel
+    plan_resume(read_saved_state(resolve_checkpoint_dir(t.load)),
+                layout=(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                        run.data_parallel_size),
+                use_distributed_optimizer=t.use_distributed_optimizer, no_load_optim=t.no_load_optim,
+                no_load_rng=t.no_load_rng, expected_schedule=run.schedule,
+                global_batch=run.global_batch_size,
+                override_schedule=t.override_opt_param_scheduler,
+                use_checkpoint_schedule=t.use_checkpoint_opt_param_scheduler)
 
 
 def data_prefixes(data_path: Sequence[str]) -> list:

@@ -23,7 +23,11 @@ from megatron.core.transformer.module import Float16Module
 from pose_megatron import runtime
 from pose_megatron.checkpoint.families import family_for_model
 from pose_megatron.checkpoint.layout import RunConfig
-from pose_megatron.checkpoint.training_state import TrainingProgress, load_training_checkpoint
+from pose_megatron.checkpoint.training_state import (
+    LoadOptions,
+    TrainingProgress,
+    load_training_checkpoint,
+)
 from pose_megatron.data_checks import DataError
 from pose_megatron.loader import build_data_iterator, build_pose_datasets
 from pose_megatron.model import build_model, build_transformer_config
@@ -41,8 +45,9 @@ def resolve_precision(training: TrainingConfig) -> str:
 
 
 def setup_model_and_optimizer(model_cfg: ModelConfig, rope: RopeScaling, training: TrainingConfig,
-                              seq_length: int, tp: int, pp: int):
-    """(DDP-wrapped model, optimizer, scheduler) for this rank's pipeline stage."""
+                              seq_length: int, tp: int, pp: int, *, global_batch_size: int):
+    """(DDP-wrapped model, optimizer, scheduler) for this rank's pipeline stage. The scheduler
+    counts samples, as Megatron-LM's does: train_step advances it by the global batch."""
     precision = resolve_precision(training)
     dtype = runtime.dtype_from_name(precision)
     use_te = runtime.transformer_engine_usable()
@@ -76,10 +81,11 @@ def setup_model_and_optimizer(model_cfg: ModelConfig, rope: RopeScaling, trainin
     )
     optimizer = get_megatron_optimizer(opt_config, [ddp_model])
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=training.lr, min_lr=training.min_lr,
-        lr_warmup_steps=training.lr_warmup_iters, lr_decay_steps=training.decay_iters,
-        lr_decay_style=training.lr_decay_style, start_wd=training.weight_decay,
-        end_wd=training.weight_decay, wd_incr_steps=training.train_iters, wd_incr_style="constant",
+        optimizer, init_lr=0.0, **training.schedule_in_samples(global_batch_size),
+        # On resume: refuse a differing schedule unless told which to take (checked before
+        # loading, with the flags named: checkpoint/resume_checks.py).
+        use_checkpoint_opt_param_scheduler=training.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=training.override_opt_param_scheduler,
     )
     # The schedules call these: DP gradient sync at the end of backward, loss scaling for fp16.
     tconfig.no_sync_func = ddp_model.no_sync
@@ -124,12 +130,12 @@ def build_trainer(run: TrainingRun) -> Trainer:
     tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model)
     train_ds, valid_ds = _build_datasets(run, tokenizer)
     model, optimizer, scheduler = setup_model_and_optimizer(
-        run.model, run.rope, training, run.pose.seq_length, tp, pp)
+        run.model, run.rope, training, run.pose.seq_length, tp, pp,
+        global_batch_size=run.global_batch_size)
     progress = TrainingProgress()
     if training.load:
-        progress = load_training_checkpoint(
-            training.load, model.module, optimizer, scheduler,
-            finetune=training.finetune, no_load_optim=training.no_load_optim) or progress
+        progress = load_training_checkpoint(training.load, model.module, optimizer, scheduler,
+                                            load_options(run)) or progress
     train_iter = build_data_iterator(
         train_ds, progress.consumed_train_samples, training.micro_batch_size,
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
@@ -138,6 +144,24 @@ def build_trainer(run: TrainingRun) -> Trainer:
     return Trainer(run=run, model=model, optimizer=optimizer, scheduler=scheduler,
                    progress=progress, train_iter=train_iter, valid_dataset=valid_ds,
                    run_config=_run_config(run), reporter=reporter)
+
+
+def load_options(run: TrainingRun) -> LoadOptions:
+    """How `run` resumes its --load checkpoint."""
+    t = run.training
+    return LoadOptions(
+        global_batch_size=run.global_batch_size, expected_schedule=run.schedule,
+        use_distributed_optimizer=t.use_distributed_optimizer, finetune=t.finetune,
+        no_load_optim=t.no_load_optim, no_load_rng=t.no_load_rng,
+        override_opt_param_scheduler=t.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=t.use_checkpoint_opt_param_scheduler)
+
+
+def checkpoint_args(run: TrainingRun) -> dict:
+    """The run's fields for its checkpoints' Megatron-LM `args` (plus the layer implementation)."""
+    fields = run.megatron_lm_fields()
+    fields["transformer_impl"] = "transformer_engine" if runtime.transformer_engine_usable() else "local"
+    return fields
 
 
 def _build_datasets(run: TrainingRun, tokenizer):

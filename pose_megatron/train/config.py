@@ -7,6 +7,7 @@ the trainer has. Flags are generated from these fields and their docstrings (tra
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -121,11 +122,24 @@ class TrainingConfig:
     save_interval: Optional[int] = None
     """Steps between checkpoints (a checkpoint is also written at the end and on SIGTERM)."""
     load: Optional[str] = None
-    """Checkpoint to resume from (model, optimizer, scheduler, RNG, iteration, consumed samples)."""
+    """Checkpoint to resume from (model, optimizer, scheduler, RNG, iteration, consumed samples): this
+    trainer's, a converted one, or a torch_dist checkpoint of stock Megatron-LM (its args give the
+    architecture)."""
     finetune: bool = False
     """With --load: take the weights only; iteration, optimizer and schedule start afresh."""
     no_load_optim: bool = False
-    """With --load: do not restore optimizer state (needed when TP/PP changed)."""
+    """With --load: do not restore optimizer state (needed when TP/PP changed); the schedule and
+    iteration still continue from the checkpoint."""
+    no_load_rng: bool = False
+    """With --load: do not restore the RNG state (needed for a checkpoint saved on another kind of
+    machine: CPU vs GPU)."""
+    override_opt_param_scheduler: bool = False
+    """With --load: continue with the learning-rate and weight-decay schedule of these flags (--lr,
+    --min-lr, --lr-*, --train-iters, --weight-decay) from the checkpoint's sample count, instead of
+    the checkpoint's schedule (Megatron-LM's flag)."""
+    use_checkpoint_opt_param_scheduler: bool = False
+    """With --load: continue with the checkpoint's schedule, whatever these flags say (Megatron-LM's
+    flag). Without either flag a resume whose schedule differs from the checkpoint's is refused."""
     tensorboard_dir: Optional[str] = None
     """Write TensorBoard scalars here."""
     metrics_file: Optional[str] = None
@@ -146,10 +160,37 @@ class TrainingConfig:
         for name in ("eval_iters", "lr_warmup_iters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ValueError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler "
+                             "contradict each other (take the flags' schedule, or the checkpoint's); "
+                             "pass one")
 
     @property
     def decay_iters(self) -> int:
         return self.lr_decay_iters or self.train_iters
+
+    def schedule_in_samples(self, global_batch_size: int) -> dict:
+        """The OptimizerParamScheduler settings, counted in samples as Megatron-LM counts them (the
+        scheduler steps by the global batch): warm-up, decay and weight-decay lengths are these
+        iteration counts times the global batch, so every learning rate is the same rational
+        number of steps as with iteration counts."""
+        return dict(max_lr=self.lr, min_lr=self.min_lr,
+                    lr_warmup_steps=self.lr_warmup_iters * global_batch_size,
+                    lr_decay_steps=self.decay_iters * global_batch_size,
+                    lr_decay_style=self.lr_decay_style, start_wd=self.weight_decay,
+                    end_wd=self.weight_decay, wd_incr_steps=self.train_iters * global_batch_size,
+                    wd_incr_style="constant")
+
+
+# TrainingConfig fields that are Megatron-LM arguments of the same name and meaning.
+_MEGATRON_LM_TRAINING_FIELDS = (
+    "train_iters", "micro_batch_size", "lr", "min_lr", "lr_warmup_iters", "lr_decay_style",
+    "lr_decay_iters", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad",
+    "use_distributed_optimizer", "recompute_activations", "seed", "log_interval", "eval_interval",
+    "eval_iters", "save", "save_interval", "load", "finetune", "no_load_optim", "no_load_rng",
+    "tensorboard_dir", "exit_interval", "override_opt_param_scheduler",
+    "use_checkpoint_opt_param_scheduler",
+)
 
 
 @dataclass
@@ -184,6 +225,29 @@ class TrainingRun:
     @property
     def num_microbatches(self) -> int:
         return self.global_batch_size // (self.training.micro_batch_size * self.data_parallel_size)
+
+    @property
+    def schedule(self) -> dict:
+        """The LR / weight-decay schedule of this run, in samples (TrainingConfig.schedule_in_samples)."""
+        return self.training.schedule_in_samples(self.global_batch_size)
+
+    def megatron_lm_fields(self) -> dict:
+        """This run's settings under Megatron-LM's argument names, for the `args` of its checkpoints
+        (the architecture and progress are added by checkpoint.megatron_args)."""
+        from pose_megatron.checkpoint.megatron_args import TOKENIZER_TYPES
+
+        t, d = self.training, self.data
+        fields = {name: getattr(t, name) for name in _MEGATRON_LM_TRAINING_FIELDS}
+        fields.update(
+            global_batch_size=self.global_batch_size, optimizer="adam", lr_warmup_init=0.0,
+            start_weight_decay=t.weight_decay, end_weight_decay=t.weight_decay,
+            weight_decay_incr_style="constant", seq_length=self.pose.seq_length,
+            data_path=list(d.data_path), split=d.split, data_cache_path=d.data_cache_path,
+            num_workers=d.num_workers, tokenizer_type=TOKENIZER_TYPES[d.tokenizer_type],
+            tokenizer_model=os.path.abspath(d.tokenizer_model) if d.tokenizer_model else None,
+            init_method_std=t.init_method_std,
+        )
+        return fields
 
     @property
     def resuming(self) -> bool:

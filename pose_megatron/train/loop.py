@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from pose_megatron import runtime
 from pose_megatron.checkpoint.layout import read_tracker
 from pose_megatron.checkpoint.training_state import save_training_checkpoint
-from pose_megatron.train.build import Trainer, build_trainer
+from pose_megatron.train.build import Trainer, build_trainer, checkpoint_args
 from pose_megatron.train.config import TrainingRun
 from pose_megatron.train.step import evaluate, train_step
 
@@ -123,8 +123,10 @@ class SaveFailed(RuntimeError):
 def _save(trainer: Trainer) -> str:
     root, iteration = trainer.run.training.save, trainer.progress.iteration
     try:
-        saved = save_training_checkpoint(root, trainer.model.module, trainer.optimizer,
-                                         trainer.scheduler, trainer.progress, trainer.run_config)
+        saved = save_training_checkpoint(
+            root, trainer.model.module, trainer.optimizer, trainer.scheduler, trainer.progress,
+            trainer.run_config, training_args=checkpoint_args(trainer.run),
+            use_distributed_optimizer=trainer.run.training.use_distributed_optimizer)
     except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
         if not _out_of_space(err, root):
             raise

@@ -67,13 +67,15 @@ def _schedule(model, data_iterator, num_microbatches, seq_length, micro_batch_si
 
 def train_step(model, optimizer, scheduler, data_iterator: Iterator, num_microbatches: int,
                seq_length: int, micro_batch_size: int) -> dict:
-    """Forward and backward over one global batch, then the optimizer and scheduler step."""
+    """Forward and backward over one global batch, then the optimizer and scheduler step (the
+    scheduler counts samples, as Megatron-LM's: it advances by the global batch)."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
     reports = _schedule(model, data_iterator, num_microbatches, seq_length, micro_batch_size, False)
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
-        scheduler.step(increment=1)
+        global_batch = num_microbatches * micro_batch_size * parallel_state.get_data_parallel_world_size()
+        scheduler.step(increment=global_batch)
     fp16 = bool(getattr(optimizer.config, "fp16", False))
     return {
         "loss": _reduce_lm_loss(reports),

@@ -11,6 +11,7 @@ import pytest
 from launch import REPO, _env, corpus_flags, read_metrics, train
 
 from pose_megatron.checkpoint.layout import read_tracker
+from pose_megatron.train.arguments import parse_args
 
 # A tiny PoSE run on the bundled sample corpus (built once and cached by the first test).
 _FLAGS = [
@@ -25,20 +26,52 @@ def base() -> list:
     return _FLAGS + list(corpus_flags())
 
 
-def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
-    straight, resumed = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    train(base() + ["--train-iters", "6", "--metrics-file", straight])
-    train(base() + ["--train-iters", "6", "--exit-interval", "3", "--save", tmp_path / "ck",
-                  "--metrics-file", resumed])
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """Metrics of a straight 6-iteration run, and its final checkpoint (6 of 6)."""
+    root = tmp_path_factory.mktemp("straight")
+    train(base() + ["--train-iters", "6", "--metrics-file", root / "m.jsonl", "--save", root / "ck"])
+    return {"metrics": read_metrics(root / "m.jsonl"), "checkpoint": root / "ck"}
+
+
+# On one process the distributed optimizer's steps equal the plain optimizer's bitwise, so the one
+# uninterrupted run is the reference for both.
+@pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer"]],
+                         ids=["adam", "distributed-optimizer"])
+def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, uninterrupted, optimizer):
+    resumed = tmp_path / "b.jsonl"
+    train(base() + optimizer + ["--train-iters", "6", "--exit-interval", "3", "--save",
+                                tmp_path / "ck", "--metrics-file", resumed])
     assert read_tracker(tmp_path / "ck") == 3
-    train(base() + ["--train-iters", "6", "--load", tmp_path / "ck", "--save", tmp_path / "ck",
-                  "--metrics-file", resumed])
-    a, b = read_metrics(straight), read_metrics(resumed)
+    train(base() + optimizer + ["--train-iters", "6", "--load", tmp_path / "ck", "--save",
+                                tmp_path / "ck", "--metrics-file", resumed])
+    a, b = uninterrupted["metrics"], read_metrics(resumed)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     for it in (4, 5, 6):
         assert (a[it]["loss"], a[it]["grad_norm"], a[it]["lr"]) == \
                (b[it]["loss"], b[it]["grad_norm"], b[it]["lr"]), it
     assert read_tracker(tmp_path / "ck") == 6
+
+
+def test_resume_with_another_schedule_is_refused_unless_told_which(tmp_path, uninterrupted, capsys):
+    """A finished 6-iteration run continued to 8 iterations: its schedule decayed to 0 at 6."""
+    longer = base() + ["--train-iters", "8", "--load", uninterrupted["checkpoint"]]
+    with pytest.raises(SystemExit) as refused:  # the parser refuses it, before any process starts
+        parse_args([str(a) for a in longer + ["--lr", "2e-3"]], world_size=1)
+    assert refused.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "max_lr: checkpoint 0.001, flags 0.002" in message
+    assert ("lr_decay_steps: checkpoint 24 samples (6 iterations of 4), flags 32 samples "
+            "(8 iterations of 4)") in message
+    assert "--override-opt-param-scheduler" in message
+    assert "--use-checkpoint-opt-param-scheduler" in message
+    # The flags' schedule from sample 24 on: linear decay of 2e-3 after 2 warm-up iterations, to 0
+    # at iteration 8 (the checkpoint's param groups would otherwise keep its 1e-3 bound).
+    metrics = tmp_path / "m.jsonl"
+    train(longer + ["--lr", "2e-3", "--override-opt-param-scheduler", "--metrics-file", metrics])
+    lrs = {it: r["lr"] for it, r in read_metrics(metrics).items()}
+    assert sorted(lrs) == [7, 8]
+    assert lrs[7] == pytest.approx(2e-3 * (1 - (7 - 2) / (8 - 2)), rel=1e-12) and lrs[8] == 0.0
 
 
 def test_activation_recompute_changes_nothing_but_memory(tmp_path):

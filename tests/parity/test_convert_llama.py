@@ -109,7 +109,7 @@ def test_import_is_what_megatron_writes_and_computes_hf_logits(megatron_env, tmp
         got = model(tokens, positions, None)[..., : cfg.vocab_size]
     torch.testing.assert_close(got, hf_logits(hf, tokens, positions), atol=1e-4, rtol=0)
 
-    own = save_model_weights(tmp_path / "own", 1, model, stored)
+    own = save_model_weights(tmp_path / "own", "release", model, stored)  # a release, as imported
     ours_md = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     own_md = FileSystemReader(str(own)).read_metadata().state_dict_metadata
     tensors = {k for k, v in own_md.items() if not isinstance(v, BytesStorageMetadata)}

@@ -64,7 +64,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_latest(megatron_env
     save_model_weights(tmp_path, 1, model, run)
     real_save = megatron_io.dist_checkpointing.save
 
-    def dies_halfway(state, directory):
+    def dies_halfway(state, directory, **kwargs):
         (tmp_path / ".iter_0000002.incomplete" / "__0_0.distcp").write_bytes(b"partial")
         raise KeyboardInterrupt  # what a kill looks like to the code after it
 
