@@ -94,8 +94,10 @@ def test_sigterm_to_the_launch_script_saves_exits_0_and_a_rerun_resumes(tmp_path
     assert steps >= 2 and f"checkpoint: {run.save}" in out
     assert run.group_is_gone(), f"processes of group {group} outlived the script"
     # The README's first command again: it resumes from SAVE (a finished run says so and exits 0).
+    # TRAIN_ITERS = the saved iteration makes it a finished run; that changes the schedule's length,
+    # which a resume refuses unless told which schedule to keep.
     before = (run.save / f"iter_{steps:07d}").stat().st_mtime_ns
-    again = LaunchScript(tmp_path, steps, name="again")
+    again = LaunchScript(tmp_path, steps, "--use-checkpoint-opt-param-scheduler", name="again")
     code, out, err = again.finish()
     assert code == 0, err[-3000:]
     assert f"already at iteration {steps}" in out
