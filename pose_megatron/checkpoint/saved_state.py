@@ -18,6 +18,7 @@ checkpoint at parse time runs no code from it.
 from __future__ import annotations
 
 import argparse
+import io
 import pickle
 from dataclasses import dataclass
 from functools import cached_property
@@ -50,11 +51,15 @@ def read_common_state(ckpt_dir: Union[str, Path]) -> dict:
     import megatron.core  # noqa: F401  (registers megatron-core's safe globals with torch)
 
     path = Path(ckpt_dir) / COMMON_FILE
-    if not path.is_file():
-        raise ValueError(f"{ckpt_dir} holds no {COMMON_FILE}: the checkpoint is incomplete (a "
-                         "torch_dist checkpoint keeps its iteration, arguments and schedule there)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        elif (key := _common_state_key(Path(ckpt_dir))) is not None:
+            state = _load_common_state_item(Path(ckpt_dir), key)
+        else:
+            raise ValueError(f"{ckpt_dir} holds no {COMMON_FILE} and no common_state item: the checkpoint "
+                             "is incomplete (a torch_dist checkpoint keeps its iteration, arguments and "
+                             "schedule there)")
     except pickle.UnpicklingError as err:
         unsupported = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
         raise ValueError(f"{path} pickles objects that neither torch nor megatron-core marks safe "
@@ -64,6 +69,27 @@ def read_common_state(ckpt_dir: Union[str, Path]) -> dict:
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state
 
+
+def _common_state_key(ckpt_dir: Path) -> Optional[str]:
+    """The DCP key of the "common_state" item, where megatron-core 0.19 and later keep the common
+    state instead of common.pt (docs/reference.md, "megatron-core"); None when there is none."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (ckpt_dir / ".metadata").is_file():
+        return None
+    saved = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
+    return next((key for key in saved if key.split("/")[0] == "common_state"), None)
+
+
+def _load_common_state_item(ckpt_dir: Path, key: str) -> dict:
+    """The item's bytes are torch.save([common state]) (one shard); read without a process group."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    holder = {key: io.BytesIO()}
+    load(holder, storage_reader=FileSystemReader(str(ckpt_dir)), no_dist=True)
+    holder[key].seek(0)
+    shards = torch.load(holder[key], map_location="cpu", weights_only=True)
+    return shards[0] if isinstance(shards, list) and len(shards) == 1 else shards
 
 @dataclass
 class SavedState:

@@ -227,3 +227,24 @@ def test_schedule_units_samples_iterations_or_refused():
                      "opt_param_scheduler": dict(samples, num_steps=10)}, has_run_config=False)
     with pytest.raises(ValueError, match="units cannot be told.*--finetune"):
         ramped.schedule_in_samples()
+
+
+def test_common_state_saved_inside_the_dcp_checkpoint_is_read(tmp_path):
+    """megatron-core 0.19 saves the common state as a "common_state" byte item of the DCP checkpoint
+    (torch.save of a one-shard list) instead of common.pt; both forms read the same."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+
+    from pose_megatron.checkpoint.saved_state import read_common_state
+
+    common = read_common_state(STOCK_CHECKPOINT / "iter_0000001")
+    packed = io.BytesIO()
+    torch.save([common], packed)
+    packed.seek(0)
+    dcp.save({"common_state/shard_0_1": packed}, checkpoint_id=str(tmp_path), no_dist=True)
+    assert not (tmp_path / "common.pt").exists()
+    again = read_common_state(tmp_path)
+    assert again.keys() == common.keys() and vars(again["args"]) == vars(common["args"])
+    with pytest.raises(ValueError, match="holds no common.pt and no common_state item"):
+        read_common_state(tmp_path / "missing")
