@@ -35,6 +35,10 @@ _WEIGHT = ".weight"  # GGUF tensor names are gguf.TENSOR_NAMES[...] plus this su
 _HEADER_FIELDS = "GGUF."  # GGUFReader's names for the file header (version, counts): not metadata
 
 Value = Tuple[object, gguf.GGUFValueType]
+_BAICHUAN_RECURSION = (  # docs/reference.md, "Serving engines" (measured with llama.cpp 0c1e570)
+    "this llama.cpp's Baichuan converter calls its own modify_tensors for every tensor but W_pack "
+    "and never ends (a bug in conversion/baichuan.py); run an earlier llama.cpp's converter (the "
+    "early-2025 one converts Baichuan) with --llama-cpp. ")
 
 
 @dataclass
@@ -241,7 +245,12 @@ def export_gguf(hf_dir: Union[str, Path], outfile: Union[str, Path], llama_cpp_d
     outfile.parent.mkdir(parents=True, exist_ok=True)
     raw = temporary_sibling(outfile, ".converter")
     try:
-        run_converter(converter, hf_dir, raw, outtype, python, quiet)
+        try:
+            run_converter(converter, hf_dir, raw, outtype, python, quiet)
+        except ConversionError as failure:
+            if plan.arch == gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BAICHUAN] and "RecursionError" in str(failure):
+                raise ConversionError(_BAICHUAN_RECURSION + str(failure)) from None
+            raise
         with atomic_file(outfile) as tmp:
             changes = rewrite_gguf(raw, tmp, plan.rope, arch=plan.arch,
                                    normalise_output=plan.normalise_output)

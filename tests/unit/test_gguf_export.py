@@ -260,3 +260,15 @@ def test_an_existing_output_is_kept_unless_overwrite(tmp_path):
     with pytest.raises(ConversionError, match="converter failed with exit status 3"):
         export_gguf(hf_dir, out, tmp_path / "llama.cpp", overwrite=True, quiet=True)
     assert out.read_bytes() == b"mine" and sorted(os.listdir(tmp_path)) == ["hf", "llama.cpp", "model.gguf"]
+
+
+def test_the_baichuan_converter_bug_is_named_with_the_fix(tmp_path):
+    """llama.cpp 0c1e570's Baichuan converter recurses until Python gives up (docs/reference.md)."""
+    hf_dir = write_export(tmp_path / "hf", "baichuan2", layers=32)
+    (tmp_path / "llama.cpp").mkdir()
+    (tmp_path / "llama.cpp" / "convert_hf_to_gguf.py").write_text(
+        "def modify_tensors():\n    yield from modify_tensors()\nlist(modify_tensors())\n")
+    with pytest.raises(ConversionError, match="Baichuan converter calls its own modify_tensors.*"
+                       "early-2025.*converter failed with exit status 1"):
+        export_gguf(hf_dir, tmp_path / "model.gguf", tmp_path / "llama.cpp", quiet=True)
+    assert not (tmp_path / "model.gguf").exists()
