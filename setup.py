@@ -22,7 +22,9 @@ setup(
         "packaging",
     ],
     extras_require={
-        "test": ["pytest", "transformers==5.24.0", "scipy"],
+        # gguf: llama.cpp's own GGUF reader/writer (tools/export_gguf.py); its constants name the keys.
+        "export": ["gguf==0.19.0"],
+        "test": ["pytest", "transformers==5.24.0", "scipy", "gguf==0.19.0"],
         "gpu": ["transformer-engine[pytorch]"],
     },
 )

@@ -74,20 +74,28 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write a file so that readers see the old or the new content, never a mix; fsynced."""
+@contextlib.contextmanager
+def atomic_file(path: PathLike) -> Iterator[Path]:
+    """Build one file under a temporary name (for writers that take a path, e.g. a GGUF writer);
+    it replaces `path` only if the block succeeds, fsynced. On an exception the temporary is removed
+    and `path` is untouched."""
     path = Path(path)
     tmp = temporary_sibling(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write a file so that readers see the old or the new content, never a mix; fsynced."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:

@@ -74,6 +74,9 @@ class Family:
     """config.json fields an export writes unless the imported config.json had them (token ids)."""
     exports_model_max_length: bool = False
     """The export also writes `model_max_length` = the target length (as Baichuan2's config does)."""
+    gguf_arch: Optional[str] = None
+    """The llama.cpp architecture a GGUF of this family is (a `gguf.MODEL_ARCH` member name, e.g.
+    "LLAMA"); None: no GGUF export (checkpoint/gguf_export.py)."""
     refusal: Optional[Callable[[dict], Optional[str]]] = None
     """For a config.json this family claims: why it cannot be converted after all, or None."""
     ignored_tensors: re.Pattern = ROTARY_BUFFERS
@@ -161,12 +164,13 @@ FAMILIES: Dict[str, Family] = {
     family.name: family for family in (
         Family(
             name="llama", title="LLaMA-1/2/3", weights=LLAMA_WEIGHTS,
-            architectures=("LlamaForCausalLM",), model_type="llama",
+            architectures=("LlamaForCausalLM",), model_type="llama", gguf_arch="LLAMA",
             export_fields={"attention_bias": False, "mlp_bias": False},
         ),
         Family(
             name="baichuan", title="Baichuan-7B", weights=BAICHUAN_WEIGHTS, qkv_layout=QKV_FUSED,
             architectures=("BaiChuanForCausalLM",), model_type="baichuan", grouped_query=False,
+            gguf_arch="BAICHUAN",
             auto_map={"AutoConfig": "configuration_baichuan.BaiChuanConfig",
                       "AutoModelForCausalLM": "modeling_baichuan.BaiChuanForCausalLM"},
             export_defaults=_BAICHUAN_TOKEN_IDS, refusal=_refuse_alibi_baichuan,
@@ -174,6 +178,7 @@ FAMILIES: Dict[str, Family] = {
         Family(  # Baichuan-13B / Baichuan2-13B share the architecture name: refused (ALiBi)
             name="baichuan2", title="Baichuan2-7B", weights=BAICHUAN_WEIGHTS, qkv_layout=QKV_FUSED,
             architectures=("BaichuanForCausalLM",), model_type="baichuan", grouped_query=False,
+            gguf_arch="BAICHUAN",
             auto_map={"AutoConfig": "configuration_baichuan.BaichuanConfig",
                       "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
             norm_head=True, exports_model_max_length=True, refusal=_refuse_alibi_baichuan,

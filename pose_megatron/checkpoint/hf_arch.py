@@ -19,7 +19,7 @@ import torch
 
 from pose_megatron.checkpoint.errors import ConversionError
 from pose_megatron.checkpoint.families import Family, detect_family
-from pose_megatron.checkpoint.hf_rope import POSE_CONFIG_KEY, rope_from_hf_config, rope_to_hf_parameters
+from pose_megatron.checkpoint.hf_rope import POSE_CONFIG_KEY, rope_config_fields, rope_from_hf_config
 from pose_megatron.presets import ModelConfig
 from pose_megatron.rope import RopeScaling
 
@@ -163,14 +163,13 @@ def hf_config_for_export(
     seq_length: Optional[int] = None,
     source: Optional[dict] = None,
 ) -> dict:
-    """The config.json of an export: stock transformers RoPE, max_position_embeddings = target.
+    """The config.json of an export: stock transformers RoPE (with the keys serving engines need),
+    max_position_embeddings = target_length (the run's RunConfig.max_positions).
 
     LLaMA exports load with `AutoModelForCausalLM` (no remote code); other families carry their own
     architectures / auto_map. `source` (the imported config.json, if known) keeps its other fields
     (token ids, initializer range, ...).
     """
-    params = rope_to_hf_parameters(rope_scaling, model.rotary_base, model.head_dim)
-    legacy = {k: v for k, v in params.items() if k != "rope_theta"}
     hf_dtype = str(dtype).removeprefix("torch.")  # transformers' spelling: "bfloat16"
     kept = canonical_config(source or {}, family)
     config = {k: v for k, v in kept.items() if k not in _RECOMPUTED_FIELDS}
@@ -180,11 +179,8 @@ def hf_config_for_export(
         hidden_act="silu",
         max_position_embeddings=int(target_length),
         tie_word_embeddings=False,
-        # transformers 5 reads rope_parameters; 4.x reads rope_scaling and the top-level rope_theta
-        # (5 also accepts those two and prefers them: both spellings say the same thing).
-        rope_parameters=params,
-        rope_scaling=None if legacy["rope_type"] == "default" else legacy,
-        rope_theta=params["rope_theta"],
+        # Both spellings (transformers 5 and 4.x) plus the keys vLLM and llama.cpp need.
+        **rope_config_fields(rope_scaling, model.rotary_base, model.head_dim),
         dtype=hf_dtype,
         torch_dtype=hf_dtype,
         architectures=[family.architectures[0]],

@@ -3,7 +3,8 @@
 `convert_megatron_to_hf` reads any dist checkpoint the trainer or the importer saved (any TP / PP;
 only the model's tensors) through dcp_stream.DistCheckpointReader, and streams safetensors shards,
 config.json (stock transformers RoPE, max_position_embeddings = the run's max positions) and the
-tokenizer files into a hidden directory that is renamed into place only when complete.
+tokenizer files into a hidden directory that is renamed into place only when complete. For llama.cpp,
+checkpoint/gguf_export.py turns the result into a GGUF (tools/export_gguf.py).
 """
 
 from __future__ import annotations
@@ -80,10 +81,12 @@ def convert_megatron_to_hf(
     """Export a pose_megatron checkpoint (a save root or an iter_* / release directory, any TP / PP)
     to a Hugging Face directory SAVE_DIR, in the layout of the run's family.
 
-    max_position_embeddings becomes the run's max positions (RunConfig.max_positions: the target
-    length); the RoPE is written for stock transformers (rope_parameters, plus rope_scaling /
-    rope_theta for transformers 4.x). dtype: as stored when None. tokenizer_dir: its tokenizer files
-    are copied with model_max_length updated.
+    max_position_embeddings becomes the run's max positions (RunConfig.max_positions: the largest
+    of the target length, the window times the RoPE factor and the imported base model's value);
+    the RoPE is written for stock transformers (rope_parameters, plus rope_scaling / rope_theta for
+    transformers 4.x) with the keys vLLM and llama.cpp's converters need (hf_rope.rope_config_fields).
+    dtype: as stored when None. tokenizer_dir: its tokenizer files are copied with model_max_length
+    updated.
     """
     save_dir = Path(save_dir)
     try:

@@ -5,6 +5,11 @@ Every pose_megatron rope type has an exact stock equivalent (docs/reference.md, 
 a larger theta; PoSE's revised YaRN as longrope with one extension factor per frequency.
 transformers 5 keeps these under `config.rope_parameters` (with `rope_theta` inside).
 
+Serving engines read the same config.json differently (docs/reference.md, "Serving engines"), so an
+export also carries the few keys they need to see the trained RoPE: `short_mscale` / `long_mscale` for
+vLLM's longrope, a legacy `type` for the early-2025 llama.cpp converter's linear, and a top-level
+`original_max_position_embeddings` for that converter's llama3 (`rope_config_fields`).
+
 Reading accepts transformers 4.x / 5 spellings, the PoSE authors' released configs and our own
 exports (whose POSE_CONFIG_KEY block re-imports exactly), refusing what we cannot reproduce.
 """
@@ -33,6 +38,20 @@ POSE_RELEASE_ROPE_TYPES = {"linear": "linear", "vanilla_ntk": "ntk", "yarn": "ya
 # Our scaled rope types -> the stock rope_type that computes the same frequencies.
 _HF_ROPE_TYPES = {"linear": "linear", "yarn": "yarn", "yarn-revised": "longrope", "llama3": "llama3"}
 
+# Stock rope types whose legacy `rope_scaling` dict also gets the old key `type`: the early-2025
+# llama.cpp converter reads linear scaling only from `type` (its llama3 reads `rope_type`). Never
+# "yarn": `type: yarn` is the PoSE releases' spelling of REVISED YaRN, and this importer reads it so.
+_LEGACY_TYPE_KEY = ("linear",)
+
+# Stock rope types whose original length also goes to the top level of config.json: the early-2025
+# llama.cpp converter's llama3 reads it only there (default 8192). Not longrope: vLLM would take a
+# top-level value as its default max_model_len (docs/reference.md, "Serving engines").
+_TOP_LEVEL_ORIGINAL_LENGTH = ("llama3",)
+
+# Stock rope types for which transformers 5 moves a top-level original_max_position_embeddings into
+# the RoPE dict, preferring it over the dict's own (`standardize_rope_params`).
+_ORIGINAL_LENGTH_TYPES = ("llama3", "yarn", "longrope")
+
 
 def rope_to_hf_parameters(scaling: RopeScaling, rotary_base: float, head_dim: int) -> dict:
     """The `rope_parameters` dict that makes stock transformers compute our frequencies."""
@@ -52,9 +71,35 @@ def rope_to_hf_parameters(scaling: RopeScaling, rotary_base: float, head_dim: in
         params.update(short_factor=factors, long_factor=factors)
     if kind in ("yarn", "yarn-revised"):
         params["attention_factor"] = yarn_attention_factor(scaling)
+    if kind == "yarn-revised":
+        # vLLM's longrope never reads attention_factor, only these two (else sqrt(1 + ln s / ln L_o));
+        # transformers logs them as unrecognised and keeps attention_factor.
+        params.update(short_mscale=params["attention_factor"], long_mscale=params["attention_factor"])
     if kind == "llama3":
         params.update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor)
     return params
+
+
+def rope_config_fields(scaling: RopeScaling, rotary_base: float, head_dim: int) -> dict:
+    """The top-level config.json fields of an export's RoPE, for every reader at once.
+
+    transformers 5 reads `rope_parameters`; transformers 4.x, vLLM (through transformers) and
+    llama.cpp's converters read `rope_scaling` and the top-level `rope_theta` (transformers 5 too, and
+    prefers them when both are present), so both spellings say the same thing.
+    """
+    params = rope_to_hf_parameters(scaling, rotary_base, head_dim)
+    stock_type = params["rope_type"]
+    legacy = {k: v for k, v in params.items() if k != "rope_theta"}
+    if stock_type in _LEGACY_TYPE_KEY:
+        legacy["type"] = stock_type
+    fields = {
+        "rope_parameters": params,
+        "rope_scaling": None if stock_type == "default" else legacy,
+        "rope_theta": params["rope_theta"],
+    }
+    if stock_type in _TOP_LEVEL_ORIGINAL_LENGTH:
+        fields["original_max_position_embeddings"] = params["original_max_position_embeddings"]
+    return fields
 
 
 def _implicit_attention_factor(rope: RopeScaling) -> RopeScaling:
@@ -89,6 +134,9 @@ def rope_from_hf_config(
     # The stock fields are what transformers runs: they must say the same thing.
     expected = rope_to_hf_parameters(rope, base, head_dim)
     found = _stock_rope_dict(config)
+    for key in _ENGINE_ONLY_KEYS:  # exports written before these keys existed re-import as they are
+        if key not in found:
+            expected.pop(key, None)
     if _normalise_stock(expected) != _normalise_stock(found):
         raise ConversionError(
             f"config.json's {POSE_CONFIG_KEY!r} block ({rope}, base {base}) disagrees with its stock "
@@ -99,7 +147,9 @@ def rope_from_hf_config(
 
 
 def _stock_rope_dict(config: dict) -> dict:
-    """The RoPE dict transformers 5 builds from a config: rope_scaling wins over rope_parameters."""
+    """The RoPE dict transformers 5 builds from a config: rope_scaling wins over rope_parameters,
+    and a top-level original_max_position_embeddings is moved in (refused if it contradicts one
+    already there: engines read one or the other)."""
     params = config.get("rope_scaling") or config.get("rope_parameters") or {}
     if not isinstance(params, dict):
         raise ConversionError(f"rope_scaling / rope_parameters must be a JSON object, got {params!r}")
@@ -108,9 +158,24 @@ def _stock_rope_dict(config: dict) -> dict:
         isinstance(v, dict) for v in params.values()
     ):
         raise ConversionError("per-layer-type rope_parameters are not supported (one RoPE per model)")
+    if "rope_type" in params and "type" in params and params["rope_type"] != params["type"]:
+        raise ConversionError(f"the RoPE parameters say rope_type {params['rope_type']!r} but type "
+                              f"{params['type']!r}; readers disagree on which wins, keep one")
     theta = config.get("rope_theta", 10000.0)
     params.setdefault("rope_theta", theta)
+    top_level = config.get("original_max_position_embeddings")
+    if top_level is not None and params.get("rope_type", params.get("type")) in _ORIGINAL_LENGTH_TYPES:
+        inside = params.setdefault("original_max_position_embeddings", top_level)
+        if inside != top_level:
+            raise ConversionError(
+                f"config.json has original_max_position_embeddings {top_level} at the top level but "
+                f"{inside} in its RoPE parameters; transformers 5 uses the top-level one, vLLM and "
+                "llama.cpp the other. Keep one value")
     return params
+
+
+# RoPE keys that only serving engines read (transformers ignores them): vLLM's longrope scales.
+_ENGINE_ONLY_KEYS = ("short_mscale", "long_mscale")
 
 
 def _normalise_stock(params: dict) -> dict:
@@ -130,7 +195,7 @@ _ROPE_KEYS = {
              "beta_slow": None, "attention_factor": None, "truncate": True, "mscale": 1,
              "mscale_all_dim": 0, "finetuned": None, "extrapolation_factor": 1, "attn_factor": 1},
     "longrope": {"factor": None, "original_max_position_embeddings": None, "short_factor": None,
-                 "long_factor": None, "attention_factor": None},
+                 "long_factor": None, "attention_factor": None, "short_mscale": None, "long_mscale": None},
     "llama3": {"factor": None, "original_max_position_embeddings": None, "low_freq_factor": None,
                "high_freq_factor": None},
 }
@@ -177,7 +242,6 @@ def _rope_from_stock_fields(config, head_dim, max_pos, legacy_yarn):
         rope_type = POSE_RELEASE_ROPE_TYPES[kind] if kind == "vanilla_ntk" else "linear"
         return _scaling(rope_type, factor=factor), base, window, max_pos
     if kind == "llama3":
-        omax = omax or config.get("original_max_position_embeddings")
         if omax is None:  # transformers' llama3 needs it too
             raise ConversionError("this llama3 config has no original_max_position_embeddings; add "
                                   "it to rope_scaling (8192 for LLaMA-3.1)")
@@ -185,7 +249,6 @@ def _rope_from_stock_fields(config, head_dim, max_pos, legacy_yarn):
                         low_freq_factor=params.get("low_freq_factor"),
                         high_freq_factor=params.get("high_freq_factor")), base, omax, max_pos
     if kind == "yarn":
-        omax = omax or config.get("original_max_position_embeddings")
         if omax is None:
             raise ConversionError(
                 f"this yarn config has no original_max_position_embeddings, so its pre-training "
@@ -221,8 +284,15 @@ def _rope_from_longrope(params, head_dim, base, max_pos):
             "longrope is only importable as PoSE's revised YaRN: short_factor == long_factor, with "
             "'factor' and 'original_max_position_embeddings' set"
         )
+    attention_factor = params.get("attention_factor")
+    for key in ("short_mscale", "long_mscale"):  # what vLLM uses instead of attention_factor
+        if key in params and (attention_factor is None or params[key] != attention_factor):
+            raise ConversionError(
+                f"longrope {key}={params[key]!r} differs from attention_factor={attention_factor!r}: "
+                "vLLM would scale attention by the first, transformers by the second; set both to "
+                "the same value")
     rope = _scaling("yarn-revised", factor=factor, original_max_position_embeddings=omax,
-                    attention_factor=params.get("attention_factor"))
+                    attention_factor=attention_factor)
     if [float(x) for x in short] != yarn_revised_ext_factors(rope, head_dim, base):
         raise ConversionError(
             "longrope factors are not the revised-YaRN factors for factor "

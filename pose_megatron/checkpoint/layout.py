@@ -45,17 +45,25 @@ class RunConfig:
     seq_length: Optional[int] = None
     """Training window L_c of the run that wrote it (None for an import)."""
     target_length: Optional[int] = None
-    """PoSE target length L_t: becomes max_position_embeddings on export."""
+    """PoSE target length L_t (max_position_embeddings on export is `max_positions`)."""
     extra: dict = field(default_factory=dict)
     """Free-form provenance (source model, tokenizer, converter arguments)."""
 
     @property
     def max_positions(self) -> int:
-        """Positions the model covers: the PoSE target length, else the window times the RoPE
-        factor (an import of a scaled model without a known target)."""
+        """Positions the model covers, which an export declares as max_position_embeddings: the
+        largest of the PoSE target length, the window L_c (the run's seq_length, else the model's
+        window) times the RoPE factor, and the imported base model's own max_position_embeddings
+        (`extra["hf_config"]`; no family renames that key), so that fine-tuning at a shorter
+        window never declares less context than the base model had."""
+        window = self.seq_length or self.model.max_position_embeddings
+        candidates = [round(window * self.rope_scaling.factor)]
         if self.target_length:
-            return int(self.target_length)
-        return round(self.model.max_position_embeddings * self.rope_scaling.factor)
+            candidates.append(int(self.target_length))
+        base = (self.extra.get("hf_config") or {}).get("max_position_embeddings")
+        if isinstance(base, int) and not isinstance(base, bool) and base > 0:
+            candidates.append(base)
+        return max(candidates)
 
     def to_json(self) -> dict:
         return {

@@ -112,11 +112,19 @@ def test_yarn_without_its_original_length_is_refused_naming_both_readings(key, l
         model_info_from_hf_config(llama3)
 
 
-@pytest.mark.parametrize("rope_type", sorted(ROPE_CASES))
+EXPORT_CASES = {
+    **ROPE_CASES,
+    "yarn-betas": RopeScaling("yarn", 8.0, 64, beta_fast=8.0, beta_slow=2.0),
+    "yarn-attention-factor": RopeScaling("yarn", 8.0, 64, attention_factor=1.5),
+}
+
+
+@pytest.mark.parametrize("rope_type", sorted(EXPORT_CASES))
 def test_exports_reimport_exactly(rope_type):
-    """Our config.json re-imports as what was exported; without our block, the stock fields alone
-    give the same frequencies (ntk reads back as default RoPE with the NTK base)."""
-    scaling = ROPE_CASES[rope_type]
+    """Our config.json re-imports as what was exported (serving-engine keys included: longrope's
+    mscales, linear's legacy type, llama3's top-level original length); without our block, the stock
+    fields alone give the same frequencies (ntk reads back as default RoPE with the NTK base)."""
+    scaling = EXPORT_CASES[rope_type]
     exported = hf_config_for_export(TINY, scaling, FAMILIES["llama"], 512, torch.bfloat16, seq_length=64)
     info = model_info_from_hf_config(json.loads(json.dumps(exported)))
     assert info.rope_scaling == scaling and info.model == TINY and info.target_length == 512
@@ -128,6 +136,11 @@ def test_exports_reimport_exactly(rope_type):
     assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
     if rope_type != "ntk":
         assert plain.rope_scaling == scaling
+    if rope_type == "yarn-revised":  # an export written before the vLLM keys re-imports as well
+        older = json.loads(json.dumps(exported))
+        for params in (older["rope_parameters"], older["rope_scaling"]):
+            del params["short_mscale"], params["long_mscale"]
+        assert model_info_from_hf_config(older).rope_scaling == scaling
 
     edited = json.loads(json.dumps(exported))
     edited["rope_theta"] = edited["rope_parameters"]["rope_theta"] = 12345.0
@@ -168,3 +181,32 @@ def test_release_checkpoint_computes_what_its_rope_means(megatron_env, tmp_path,
         got = model(tokens, positions, None)[..., : TINY.vocab_size]
         expected = hf(tokens, position_ids=positions, attention_mask=torch.ones_like(tokens)).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_engine_keys_that_contradict_the_rope_are_refused():
+    """Keys only some readers use must agree with the rest, or engines would serve different models."""
+    def exported(kind):
+        return json.loads(json.dumps(hf_config_for_export(TINY, ROPE_CASES[kind], FAMILIES["llama"], 512,
+                                                          torch.float32)))
+
+    for with_block in (True, False):
+        def edited(kind, edit):
+            config = exported(kind)
+            edit(config)
+            return config if with_block else {k: v for k, v in config.items() if k != POSE_CONFIG_KEY}
+
+        def mscale(config):
+            config["rope_scaling"]["short_mscale"] = 1.0
+        with pytest.raises(ConversionError, match=r"longrope short_mscale=1.0 differs from attention_factor"
+                                                  if not with_block else "disagrees"):
+            model_info_from_hf_config(edited("yarn-revised", mscale))
+
+        def legacy_type(config):
+            config["rope_scaling"]["type"] = "yarn"
+        with pytest.raises(ConversionError, match="rope_type 'linear' but type 'yarn'"):
+            model_info_from_hf_config(edited("linear", legacy_type))
+
+        def top_level(config):
+            config["original_max_position_embeddings"] = 128
+        with pytest.raises(ConversionError, match="original_max_position_embeddings 128 at the top level but 64"):
+            model_info_from_hf_config(edited("llama3", top_level))

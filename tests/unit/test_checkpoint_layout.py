@@ -11,6 +11,7 @@ from pose_megatron.checkpoint.layout import (
     write_tracker,
 )
 from pose_megatron.checkpoint.megatron_io import load_model_weights, save_model_weights
+from pose_megatron.rope import RopeScaling
 from tiny_models import ROPE_CASES, TINY, pose_llama
 
 
@@ -80,3 +81,24 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_latest(megatron_env
     save_model_weights(tmp_path, 2, model, run)  # the next save clears the leftover
     assert read_tracker(tmp_path) == 2
     assert not (tmp_path / ".iter_0000002.incomplete").exists()
+
+
+def test_declared_context_is_the_largest_of_target_scaled_window_and_base_model():
+    """max_positions = max(target length, window L_c x factor, the imported base model's value)."""
+    base = {"hf_config": {"max_position_embeddings": 256}}  # what the importer keeps
+    plain = RunConfig(model=TINY, rope_scaling=RopeScaling(), seq_length=64, target_length=64)
+    assert plain.max_positions == 64
+    # Plain fine-tuning of an imported 256-position model at a 64-token window keeps 256.
+    assert RunConfig(model=TINY, rope_scaling=RopeScaling(), seq_length=64, target_length=64,
+                     extra=base).max_positions == 256
+    pose = RunConfig(model=TINY, rope_scaling=ROPE_CASES["yarn-revised"], seq_length=64, target_length=512,
+                     extra=base)
+    assert pose.max_positions == 512
+    # A factor larger than target / window: its frequencies cover window x factor.
+    wide = RunConfig(model=TINY, rope_scaling=RopeScaling("linear", 16.0), seq_length=64, target_length=512)
+    assert wide.max_positions == 1024
+    # An import (no run window): the model's window x factor, or the config's own value.
+    imported = RunConfig(model=TINY, rope_scaling=RopeScaling("linear", 2.5), target_length=None)
+    assert imported.max_positions == 160
+    assert RunConfig(model=TINY, rope_scaling=RopeScaling("linear", 2.5), target_length=200,
+                     extra={"hf_config": {"max_position_embeddings": 200}}).max_positions == 200

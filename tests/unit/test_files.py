@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pose_megatron.files import atomic_directory, atomic_write_text, incomplete_name
+from pose_megatron.files import atomic_directory, atomic_file, atomic_write_text, incomplete_name
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
@@ -13,6 +13,21 @@ def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
     atomic_write_text(path, "new")
     assert path.read_text() == "new"
     assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_file_built_under_a_temporary_name_appears_only_when_complete(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["model.gguf"]
+    with atomic_file(path) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".")  # hidden, same directory
+        tmp.write_bytes(b"new")
+        assert path.read_bytes() == b"old"
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["model.gguf"]
 
 
 def test_failed_directory_build_leaves_nothing(tmp_path):
