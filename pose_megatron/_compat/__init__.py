@@ -19,7 +19,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-CPU_TESTED_MEGATRON_CORE = ("0.16.1",)
+CPU_TESTED_MEGATRON_CORE = ("0.16.1", "0.17.1", "0.18.2", "0.19.2")
 """megatron-core releases whose CUDA-only call sites the CPU stand-ins were checked against (the
 whole test suite passed on CPU with each)."""
 
@@ -41,7 +41,8 @@ def check_cpu_version(version: str | None = None) -> str:
         raise UnsupportedMegatronCore(
             f"megatron-core {version} is installed, but pose_megatron runs megatron-core on CPU only "
             f"with the releases its CPU layer was checked against ({supported}); install one "
-            f"(pip install megatron-core=={CPU_TESTED_MEGATRON_CORE[-1]}) or run on a GPU"
+            f"(pip install megatron-core=={CPU_TESTED_MEGATRON_CORE[-1]}; on Python 3.11, "
+            f"megatron-core=={CPU_TESTED_MEGATRON_CORE[0]}) or run on a GPU"
         )
     return version
 
