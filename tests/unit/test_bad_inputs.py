@@ -183,6 +183,17 @@ def test_token_ids_beyond_the_vocabulary_are_found_by_the_scan(tmp_path):
         build(prefix, tmp_path)
     # The scan was cached on the files' sizes and mtimes; a rewrite invalidates it.
     assert json.loads(Path(tmp_path / "cache" / "d.tokens.json").read_text())["max_token"] == 150
+    write_prefix(tmp_path / "d", [list(range(2, 50)), [5] * 61])
+    build(prefix, tmp_path)  # the stale cache (150) is not believed: a new scan finds the data clean
+    assert json.loads(Path(tmp_path / "cache" / "d.tokens.json").read_text())["max_token"] == 49
+
+
+def test_a_matching_sidecar_is_read_instead_of_a_scan(tmp_path, monkeypatch):
+    prefix = write_prefix(tmp_path / "d", [list(range(2, 50))] * 2)
+    data_checks.write_sidecar(prefix, 150, 2, {"source": "test"})  # what preprocessing would write
+    monkeypatch.setattr(data_checks, "SCAN_LIMIT_BYTES", 0)  # no scan: only the sidecar can say 150
+    with pytest.raises(DataError, match=r"holds token id 150, but the tokenizer has 100 tokens"):
+        build(prefix, tmp_path)
 
 
 def test_token_ids_of_unscanned_data_are_checked_per_sample(tmp_path, monkeypatch):
