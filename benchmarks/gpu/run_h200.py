@@ -189,6 +189,11 @@ def main() -> None:
         os._exit(0)
 
     mode = "dry-run" if args.dry_run else "h200"
+    if mode == "h200":
+        import torch  # only here: the supervisor itself needs no torch
+
+        if not torch.cuda.is_available():  # fail in seconds, not after the child's imports
+            raise CheckError("no CUDA device here: run on the GPU machine, or pass --dry-run on CPU")
     sections = parse_sections(args.sections)
     caps = parse_caps(args.cap, MODES[mode].caps)
     extra_path = megatron_core_location(args)

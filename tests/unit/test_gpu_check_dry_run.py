@@ -3,6 +3,7 @@ tiny sizes and writes its JSON; a section past its cap is killed and recorded, a
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -115,3 +116,12 @@ def test_bad_arguments_fail_with_one_line(tmp_path, args, message):
     proc, _ = run_check(tmp_path, *args, timeout=120)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_without_cuda_the_h200_run_refuses_before_starting_a_child(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a GPU host
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode != 0 and "no CUDA device here" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "children.log").exists()  # refused before any section started
