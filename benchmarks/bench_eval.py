@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import describe_device, synchronize
 from pose_megatron import runtime
 from pose_megatron._compat import enable_cpu_fallbacks
 from pose_megatron.checkpoint.layout import RunConfig
@@ -59,11 +60,6 @@ def build_checkpoints(cfg: ModelConfig, scaling: RopeScaling, root: Path):
     return hf
 
 
-def synchronize():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def time_transformers(hf, doc: np.ndarray) -> float:
     ids = torch.tensor([[BOS] + doc.tolist()], device=hf.device)
@@ -74,6 +70,39 @@ def time_transformers(hf, doc: np.ndarray) -> float:
     elapsed = time.perf_counter() - start
     assert torch.isfinite(loss)
     return elapsed
+
+
+def measure_rates(cfg: ModelConfig, scaling: RopeScaling, length: int, rounds: int,
+                  dtype_name: str) -> dict:
+    """Tokens/s of each side (the best of `rounds` alternated rounds after a warm-up), and
+    slowest/best per side. megatron-core must be initialised."""
+    rng = np.random.default_rng(0)
+    doc = rng.integers(3, cfg.vocab_size, size=length - 1)  # one full window: BOS + W - 1 tokens
+    dtype = runtime.dtype_from_name(dtype_name)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = build_checkpoints(cfg, scaling, Path(tmp))
+        hf.config._attn_implementation = "sdpa"  # the reference side: stock transformers, SDPA
+        hf = hf.to(runtime.get_device(), dtype).eval()
+        tools = {"megatron": open_backend("megatron", f"{tmp}/megatron", dtype=dtype_name),
+                 "hf": open_backend("hf", f"{tmp}/hf", dtype=dtype_name)}
+        seconds = {"transformers": [], **{k: [] for k in tools}}
+        for name, backend in tools.items():  # warm-up at the measured shape (kernel choices, caches)
+            evaluate_length(backend, [doc], length, bos=BOS, progress=False)
+        time_transformers(hf, doc)
+        for _ in range(rounds):
+            for name, backend in tools.items():
+                result = evaluate_length(backend, [doc], length, bos=BOS, progress=False)
+                seconds[name].append(result.seconds)
+            seconds["transformers"].append(time_transformers(hf, doc))
+        for backend in tools.values():
+            backend.close()
+
+    scored = len(doc)
+    return {
+        "tokens_per_s": {name: scored / min(s) for name, s in seconds.items()},
+        "spread": {name: round(max(s) / min(s), 2) for name, s in seconds.items()},
+    }
 
 
 def main() -> None:
@@ -96,33 +125,11 @@ def main() -> None:
     runtime.initialize_model_parallel(1, 1)
     runtime.set_seed(0)
     cfg = bench_model(args)
-    scaling = RopeScaling("linear", factor=8.0)
-    rng = np.random.default_rng(0)
-    doc = rng.integers(3, args.vocab, size=args.length - 1)  # one full window: BOS + W - 1 tokens
+    measured = measure_rates(cfg, RopeScaling("linear", factor=8.0), args.length, args.rounds, args.dtype)
+    rate, spread = measured["tokens_per_s"], measured["spread"]
     dtype = runtime.dtype_from_name(args.dtype)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        hf = build_checkpoints(cfg, scaling, Path(tmp))
-        hf.config._attn_implementation = "sdpa"  # the reference side: stock transformers, SDPA
-        hf = hf.to(runtime.get_device(), dtype).eval()
-        tools = {"megatron": open_backend("megatron", f"{tmp}/megatron", dtype=args.dtype),
-                 "hf": open_backend("hf", f"{tmp}/hf", dtype=args.dtype)}
-        seconds = {"transformers": [], **{k: [] for k in tools}}
-        for name, backend in tools.items():  # warm-up at the measured shape (kernel choices, caches)
-            evaluate_length(backend, [doc], args.length, bos=BOS, progress=False)
-        time_transformers(hf, doc)
-        for _ in range(args.rounds):
-            for name, backend in tools.items():
-                result = evaluate_length(backend, [doc], args.length, bos=BOS, progress=False)
-                seconds[name].append(result.seconds)
-            seconds["transformers"].append(time_transformers(hf, doc))
-
-    scored = len(doc)
-    rate = {name: scored / min(s) for name, s in seconds.items()}
-    spread = {name: round(max(s) / min(s), 2) for name, s in seconds.items()}
-    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"perplexity at window {args.length}, model {cfg.num_layers}x{cfg.hidden_size}, "
-          f"vocab {args.vocab}, {dtype}, {where}, best of {args.rounds} rounds "
+          f"vocab {args.vocab}, {dtype}, {describe_device()}, best of {args.rounds} rounds "
           f"(slowest/best per side: {spread})")
     print(f"  transformers forward (sdpa, labels=ids): {rate['transformers']:10.0f} tok/s")
     print(f"  tool, Megatron checkpoint:               {rate['megatron']:10.0f} tok/s")

@@ -4,7 +4,7 @@
    GPTModel with contiguous positions, same layer spec and weights (goal <= 1.03).
 2. Peak memory: forward+backward of one attention layer's core attention at seq 4096, torch SDPA
    (PoseSDPAttention) over megatron-core's local DotProductAttention, each in a fresh process, as
-   the growth of the process's peak RSS (Linux: the peak mark is reset just before).
+   the growth of the peak memory (the process's peak RSS on CPU, reset just before).
 
     python benchmarks/bench_model.py [--seq 1024] [--repeats 20]
 """
@@ -14,70 +14,40 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
+from common import (build_model_pair, interleaved_step_times, peak_memory, pose_position_batch,
+                    random_tokens, reset_peak_memory)
 from pose_megatron import runtime
 from pose_megatron._compat import enable_cpu_fallbacks
-from pose_megatron.model import build_transformer_config
+from pose_megatron.model import PoseSDPAttention, build_transformer_config
 from pose_megatron.presets import ModelConfig
-from pose_megatron.model import PoseSDPAttention, build_model, get_layer_spec
 from pose_megatron.rope import RopeScaling
 
 BENCH_MODEL = ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=8, num_query_groups=4,
                           ffn_hidden_size=688, vocab_size=4096, max_position_embeddings=1024)
 
 
-def pose_positions(batch, seq, target, g):
-    pos = torch.arange(seq).repeat(batch, 1)
-    for row in pos:
-        cut = int(torch.randint(1, seq // 2 + 1, (1,), generator=g))
-        row[cut:] += int(torch.randint(0, target - seq + 1, (1,), generator=g))
-    return pos
-
-
-def time_step(model, tokens, positions, labels):
-    start = time.perf_counter()
-    loss = model(tokens, positions, None, labels=labels).mean()
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
-
-
 def bench_step_time(seq, batch, repeats):
-    from megatron.core.models.gpt import GPTModel
-
     enable_cpu_fallbacks()
 
     runtime.initialize_distributed()
     runtime.initialize_model_parallel(1, 1)
     runtime.set_seed(0)
     scaling = RopeScaling("yarn-revised", factor=8.0, original_max_position_embeddings=seq)
-    config = build_transformer_config(BENCH_MODEL)
-    pose = build_model(BENCH_MODEL, config, scaling)
-    stock = GPTModel(config, get_layer_spec(False), vocab_size=BENCH_MODEL.padded_vocab_size(),
-                     max_sequence_length=seq, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=False)
-    stock.load_state_dict(pose.state_dict(), strict=False)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, BENCH_MODEL.vocab_size, (batch, seq), generator=g)
-    labels = torch.randint(0, BENCH_MODEL.vocab_size, (batch, seq), generator=g)
-    contiguous = torch.arange(seq).expand(batch, seq)
-    pose_times, stock_times = [], []
-    for i in range(repeats + 2):  # interleaved, so machine noise hits both alike; 2 warm-ups
-        positions = pose_positions(batch, seq, 8 * seq, g)
-        t_pose = time_step(pose, tokens, positions, labels)
-        t_stock = time_step(stock, tokens, contiguous, labels)
-        if i >= 2:
-            pose_times.append(t_pose)
-            stock_times.append(t_stock)
+    pose, stock = build_model_pair(BENCH_MODEL, scaling, seq)
+    tokens = random_tokens(batch, seq, BENCH_MODEL.vocab_size)
+    labels = random_tokens(batch, seq, BENCH_MODEL.vocab_size, seed=1)
+    runs = {"pose": (pose, pose_position_batch(batch, seq, 8 * seq)),
+            "stock": (stock, torch.arange(seq).expand(batch, seq))}
+    times = interleaved_step_times(runs, tokens, labels, repeats, warmup=2)
     runtime.destroy()
-    return statistics.median(pose_times), statistics.median(stock_times)
+    return statistics.median(times["pose"]), statistics.median(times["stock"])
 
 
 def measure_attention_memory(kind, seq):
-    """Peak RSS growth (bytes) of one core-attention forward+backward; run in a fresh process."""
+    """Peak memory growth (bytes) of one core-attention forward+backward; run in a fresh process."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -93,28 +63,9 @@ def measure_attention_memory(kind, seq):
     q = torch.randn(seq, 1, heads, d, requires_grad=True)
     k = torch.randn(seq, 1, groups, d, requires_grad=True)
     v = torch.randn(seq, 1, groups, d, requires_grad=True)
-    before = reset_peak_rss()
+    before = reset_peak_memory()
     attn(q, k, v, None).sum().backward()
-    return peak_rss() - before
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss():
-    """Reset the kernel's peak-RSS mark (Linux) and return the current RSS in bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS") * 1024
-
-
-def peak_rss():
-    return _status_kib("VmHWM") * 1024
+    return peak_memory() - before
 
 
 def attention_memory(kind, seq):

@@ -37,8 +37,9 @@ def measure(name: str, steps: int) -> dict:
     from pose_megatron.tokenizer import build_tokenizer
     from pose_megatron.train.build import setup_model_and_optimizer
     from pose_megatron.train.config import TrainingConfig
-    from pose_megatron.train.progress import peak_memory_bytes
     from pose_megatron.train.step import train_step
+
+    from common import peak_memory, reset_peak_memory
 
     import torch
 
@@ -62,25 +63,15 @@ def measure(name: str, steps: int) -> dict:
     times = []
     for i in range(steps + 2):  # two warm-up steps
         if i == 2:
-            with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (Linux)
-                f.write("5")
-            base = _rss()
+            base = reset_peak_memory()
         # CPU time of the process (all its threads): robust to other load on a shared machine.
         start = time.process_time()
         train_step(model, optimizer, scheduler, batches, 1, run["seq"], 1)
         if i >= 2:
             times.append(time.process_time() - start)
-    peak = peak_memory_bytes() - base
+    peak = peak_memory()
     runtime.destroy()
-    return {"step_time": statistics.median(times), "peak_growth": peak, "peak": peak_memory_bytes()}
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return {"step_time": statistics.median(times), "peak_growth": peak - base, "peak": peak}
 
 
 def main():

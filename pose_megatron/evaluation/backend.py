@@ -136,9 +136,22 @@ def chunk_rows(total: int, row_elements: int, budget_elements: int) -> int:
     return max(1, min(total, budget_elements // max(1, row_elements)))
 
 
-LOGIT_BUDGET_ELEMENTS = 1 << 26
-"""fp32 logits materialised at once when scoring (256 MiB): the [s, vocab] logits of a long window
-are computed in sequence chunks of this size, never as a whole."""
+GPU_LOGIT_BUDGET_ELEMENTS = 1 << 26
+"""fp32 logits materialised at once when scoring on a GPU (256 MiB): the [s, vocab] logits of a
+long window are computed in sequence chunks of this size, never as a whole; chunks this large keep
+the output-layer matmul wide enough for the GPU."""
+
+CPU_LOGIT_BUDGET_ELEMENTS = 1 << 22
+"""The same on CPU (16 MiB). The log-softmax passes over each chunk are memory-bound: a chunk that
+stays in the last-level cache and under glibc's largest mmap threshold (32 MiB, above which every
+allocation is a fresh mapping paid in page faults) makes cross entropy 2-3x cheaper than a
+256 MiB chunk (cProfile of benchmarks/bench_eval.py's 8k window), while the matmul costs the same
+per row."""
+
+
+def logit_budget_elements(device: torch.device) -> int:
+    """How many fp32 logits a scoring chunk may hold on `device`."""
+    return GPU_LOGIT_BUDGET_ELEMENTS if device.type == "cuda" else CPU_LOGIT_BUDGET_ELEMENTS
 
 
 def default_label(path: str) -> str:

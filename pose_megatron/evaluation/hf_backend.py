@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pose_megatron.evaluation.backend import (LOGIT_BUDGET_ELEMENTS, BackendOptions, EvalBackend,
-                                              ScoreRequest, chunk_rows, register_backend)
+from pose_megatron.evaluation.backend import (BackendOptions, EvalBackend, ScoreRequest, chunk_rows,
+                                              logit_budget_elements, register_backend)
 from pose_megatron.runtime import dtype_from_name
 
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -89,7 +89,7 @@ class HFBackend(EvalBackend):
         hidden = self.model.base_model(**self._inputs(ids), use_cache=False).last_hidden_state
         scored = hidden[0, request.first_target :]  # [m, h]
         head = self.model.get_output_embeddings()
-        rows = chunk_rows(len(labels), head.weight.shape[0], LOGIT_BUDGET_ELEMENTS)
+        rows = chunk_rows(len(labels), head.weight.shape[0], logit_budget_elements(self.device))
         losses = [
             F.cross_entropy(head(scored[s : s + rows]).float(), labels[s : s + rows], reduction="none")
             for s in range(0, len(labels), rows)

@@ -32,8 +32,8 @@ from megatron.core.tensor_parallel.utils import VocabUtility
 from pose_megatron import runtime
 from pose_megatron.checkpoint.layout import load_run_config, resolve_checkpoint_dir
 from pose_megatron.checkpoint.megatron_io import load_model_weights
-from pose_megatron.evaluation.backend import (LOGIT_BUDGET_ELEMENTS, BackendOptions, EvalBackend,
-                                              ScoreRequest, chunk_rows, register_backend)
+from pose_megatron.evaluation.backend import (BackendOptions, EvalBackend, ScoreRequest, chunk_rows,
+                                              logit_budget_elements, register_backend)
 from pose_megatron.model import build_model, build_transformer_config
 
 
@@ -146,9 +146,10 @@ class MegatronBackend(EvalBackend):
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """[c, b, h] -> fp32 logits [c, b, V/tp] of this rank's vocabulary shard, padding at -inf."""
         logits, _ = self._output_layer(hidden, runtime_gather_output=False)
-        logits = logits.float()
+        logits = logits.float()  # a copy only when the model computes in bf16 / fp16
         if self._pad_mask is not None:
-            logits = logits.masked_fill(self._pad_mask, float("-inf"))
+            # In place: the tensor is this call's own (the matmul output or its fp32 copy).
+            logits.masked_fill_(self._pad_mask, float("-inf"))
         return logits
 
     @contextlib.contextmanager
@@ -202,7 +203,8 @@ class MegatronBackend(EvalBackend):
         """Cross entropy of the scored targets, over sequence chunks of the output layer."""
         scored = hidden[0, request.first_target :].unsqueeze(1)  # [m, 1, h]
         labels = torch.as_tensor(request.targets[request.first_target :], device=hidden.device)
-        rows = chunk_rows(len(labels), self._output_layer.weight.shape[0], LOGIT_BUDGET_ELEMENTS)
+        rows = chunk_rows(len(labels), self._output_layer.weight.shape[0],
+                          logit_budget_elements(hidden.device))
         losses = []
         split_vocab = ps.get_tensor_model_parallel_world_size() > 1
         for start in range(0, len(labels), rows):
