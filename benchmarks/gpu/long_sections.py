@@ -59,7 +59,8 @@ def long_context(sizes: CheckSizes) -> dict:
     scaling = RopeScaling("yarn-revised", factor=target / seq, original_max_position_embeddings=seq)
     training = TrainingConfig(train_iters=2 * (sizes.long_steps + 1), lr=1e-5, lr_warmup_iters=0,
                               precision=sizes.trainer_precision)
-    model, optimizer, scheduler = setup_model_and_optimizer(cfg, scaling, training, target, 1, 1)
+    model, optimizer, scheduler = setup_model_and_optimizer(cfg, scaling, training, target, 1, 1,
+                                                            global_batch_size=1)
     device = runtime.get_device()
     pose = _train_run(model, optimizer, scheduler, seq, cfg.vocab_size,
                       common.pose_position_batch(1, seq, target), sizes.long_steps)
