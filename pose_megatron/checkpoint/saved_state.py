@@ -82,13 +82,19 @@ def _common_state_key(ckpt_dir: Path) -> Optional[str]:
 
 
 def _load_common_state_item(ckpt_dir: Path, key: str) -> dict:
-    """The item's bytes are torch.save([common state]) (one shard); read without a process group."""
+    """The item's bytes are torch.save([common state]) (one shard); read without a process group,
+    and unpickled with `weights_only` like common.pt (DCP's default planner would unpickle it fully)."""
     from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    holder = {key: io.BytesIO()}
-    load(holder, storage_reader=FileSystemReader(str(ckpt_dir)), no_dist=True)
-    holder[key].seek(0)
-    shards = torch.load(holder[key], map_location="cpu", weights_only=True)
+    raw = {}
+
+    class _RawBytes(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            raw[read_item.dest_index.fqn] = value.read()
+
+    load({key: io.BytesIO()}, storage_reader=FileSystemReader(str(ckpt_dir)), planner=_RawBytes(), no_dist=True)
+    shards = torch.load(io.BytesIO(raw[key]), map_location="cpu", weights_only=True)
     return shards[0] if isinstance(shards, list) and len(shards) == 1 else shards
 
 @dataclass
