@@ -131,7 +131,7 @@ full-length-equal-tokens trains as many tokens per step as a PoSE run."""
 FULL = Settings(
     model="small", seq_length=128, target_length=1024,
     pretrain_iters=1200, pretrain_parts=2, pretrain_batch=16, pretrain_lr=1e-3, pretrain_warmup=30,
-    extend_iters=80, extend_batch=16, extend_lr=3e-4, extend_warmup=8,
+    extend_iters=60, extend_batch=16, extend_lr=3e-4, extend_warmup=8,
     synth_pretrain_docs=12000, synth_extend_docs=1500,
     eval_docs=12, ppl_lengths=[128, 256, 512, 1024], ppl_stride=64,
     passkey_lengths=[128, 256, 512, 1024], passkey_trials=16,
