@@ -7,16 +7,21 @@ document scored with all earlier tokens as context, and with a short window only
         --tokenizer-model tokenizer.model --far-start 1024 --far-end 2048 --output far.json
     torchrun --nproc-per-node 2 tools/eval_far_tokens.py ...   # windows split over the ranks
 
-Writes far.json (per data set and checkpoint: both perplexities and their ratio). The logic lives in
+    python tools/eval_far_tokens.py ... --score-spans synthetic=synth_answers.jsonl   # answer tokens only
+
+Writes far.json (per data set and checkpoint: both perplexities and their ratio). --score-spans
+NAME=FILE scores only the tokens FILE marks in data set NAME (one JSON line per source document,
+{"spans": [[first, end], ...]} in token positions after BOS). The logic lives in
 pose_megatron.evaluation.far_tokens.
 """
 
 import logging
+import os
 import sys
 
 from pose_megatron.evaluation import cli
 from pose_megatron.evaluation.documents import load_documents
-from pose_megatron.evaluation.far_tokens import evaluate_far_tokens
+from pose_megatron.evaluation.far_tokens import evaluate_far_tokens, masks_from_spans, read_score_spans
 from pose_megatron.evaluation.report import write_json
 from pose_megatron.runtime import is_first_rank
 
@@ -39,13 +44,28 @@ def parse_args(argv=None):
     parser.add_argument("--far-end", dest="end", type=int, default=2048, help="one past the last scored position")
     parser.add_argument("--short-window", type=int, default=256, help="short context window (BOS included)")
     parser.add_argument("--stride", type=int, default=32, help="tokens scored per short window")
+    parser.add_argument("--score-spans", action="append", default=[], metavar="NAME=FILE.jsonl",
+                        help="score only the tokens FILE marks in data set NAME (repeatable; data sets "
+                             "not named are scored on every token)")
     args = cli.parse_tool_args(parser, argv)
     args.data_name = args.data_name or list(args.data_path)
     if len(args.data_name) != len(args.data_path):
         parser.error("give one --data-name per --data-path")
+    args.score_spans = dict(_name_and_file(parser, item, args.data_name) for item in args.score_spans)
     if not 0 <= args.start < args.end:
         parser.error(f"need 0 <= --far-start < --far-end, got {args.start} and {args.end}")
     return args
+
+
+def _name_and_file(parser, item: str, names):
+    name, sep, path = item.partition("=")
+    if not sep or not path:
+        parser.error(f"--score-spans {item!r}: write NAME=FILE.jsonl")
+    if name not in names:
+        parser.error(f"--score-spans {item!r}: no data set is named {name!r} (names: {', '.join(names)})")
+    if not os.path.isfile(path):
+        parser.error(f"--score-spans {item!r}: {path} does not exist")
+    return name, path
 
 
 def main(argv=None) -> int:
@@ -57,12 +77,15 @@ def evaluate(args) -> int:
     # Data first: data sets without documents of --far-end tokens fail before any model is loaded.
     data = {name: load_documents(path, min_tokens=args.end, num_docs=args.num_docs, tokenizer=tokenizer)
             for name, path in zip(args.data_name, args.data_path)}
+    masks = {name: masks_from_spans(read_score_spans(path), data[name], path)
+             for name, path in args.score_spans.items()}
 
     def score(backend) -> dict:
         per_data = {}
         for name, docs in data.items():
             result = evaluate_far_tokens(backend, docs.documents, bos=tokenizer.bos, start=args.start,
-                                         end=args.end, short_window=args.short_window, stride=args.stride)
+                                         end=args.end, short_window=args.short_window, stride=args.stride,
+                                         masks=masks.get(name))
             per_data[name] = result.to_json()
             if backend.is_main:
                 logger.info("%s on %s: far-token ppl full %.3f vs %d-token window %.3f", backend.label, name,
@@ -75,7 +98,7 @@ def evaluate(args) -> int:
         return 0
     write_json(args.output, {
         "task": "far_tokens",
-        "data": {name: docs.summary() for name, docs in data.items()},
+        "data": {name: {**docs.summary(), "score_spans": args.score_spans.get(name)} for name, docs in data.items()},
         "protocol": {"start": args.start, "end": args.end, "short_window": args.short_window,
                      "stride": args.stride},
         "checkpoints": described,

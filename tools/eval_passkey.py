@@ -11,12 +11,13 @@ heatmap results/passkey.png (accuracy by length and depth) and prints a table. T
 pose_megatron.evaluation.
 """
 
+import dataclasses
 import logging
 import sys
 
 from pose_megatron.evaluation import cli
-from pose_megatron.evaluation.passkey import (PasskeyPromptBuilder, answer_decoder, build_prompts,
-                                              evaluate_passkey, make_trials, outcomes_to_json, summarize)
+from pose_megatron.evaluation.passkey import (PasskeyPromptBuilder, answer_decoder, evaluate_passkey, make_trials,
+                                              outcomes_to_json, plan_prompts, summarize)
 from pose_megatron.evaluation.report import figure_path, passkey_table, plot_passkey_heatmap, write_json
 from pose_megatron.runtime import is_first_rank
 
@@ -46,15 +47,19 @@ def main(argv=None) -> int:
 
 def evaluate(args) -> int:
     tokenizer = cli.required_tokenizer(args, "passkey prompts are text")
-    # Prompts first: a length too short for the prompt fails before any model is loaded.
+    # Prompts first: a length no prompt fits fails before any model is loaded. Each prompt leaves
+    # room for the answer, so no test reads past its length.
     trials = make_trials(args.lengths, args.trials, args.depths, args.seed)
-    prompts = build_prompts(PasskeyPromptBuilder(tokenizer), trials)
-    logger.info("%d prompts at lengths %s", len(prompts), args.lengths)
+    builder = PasskeyPromptBuilder(tokenizer, answer_tokens=args.max_new_tokens)
+    plan = plan_prompts(builder, trials)
+    prompts, skipped = plan.prompts, plan.skipped_by_length(args.lengths)
+    logger.info("%d prompts at lengths %s (%d trials skipped: no fit)", len(prompts), args.lengths,
+                len(plan.skipped))
 
     def answer(backend) -> tuple:
         outcomes = evaluate_passkey(backend, prompts, answer_decoder(tokenizer), max_new_tokens=args.max_new_tokens,
                                     stop_ids=(tokenizer.eod,), progress=not args.no_progress)
-        return summarize(outcomes, explicit_depths=args.depths is not None), outcomes
+        return summarize(outcomes, explicit_depths=args.depths is not None, skipped=skipped), outcomes
 
     answered, described = cli.evaluate_checkpoints(
         args, answer, max_token=max(int(p.token_ids.max()) for p in prompts))
@@ -64,13 +69,17 @@ def evaluate(args) -> int:
     payload = {
         "task": "passkey",
         "protocol": {"lengths": args.lengths, "trials": args.trials, "depths": args.depths,
-                     "seed": args.seed, "max_new_tokens": args.max_new_tokens},
+                     "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+                     "fit": "length - filler_sentence_tokens <= BOS + prompt + max_new_tokens <= length",
+                     "filler_sentence_tokens": builder.sentence_tokens},
+        "skipped": {"by_length": {str(n): c for n, c in skipped.items()},
+                    "trials": [dataclasses.asdict(s) for s in plan.skipped]},
         "checkpoints": described,
         "results": {label: {**summary.to_json(), "trials": outcomes_to_json(outcomes)}
                     for label, (summary, outcomes) in answered.items()},
     }
     write_json(args.output, payload)
-    print(passkey_table({k: s.by_length for k, s in summaries.items()}, args.lengths))
+    print(passkey_table({k: s.by_length for k, s in summaries.items()}, args.lengths, skipped))
     print(f"wrote {args.output}")
     heatmap = figure_path(args.output)
     if not args.no_plot and plot_passkey_heatmap({k: s.by_depth for k, s in summaries.items()}, heatmap):

@@ -1,142 +1,157 @@
-"""The small reproduction's report: summary.json, the Markdown tables and the figure.
+"""The small reproduction's numbers: per checkpoint, per table row (a method over its seeds), and
+the comparisons the paper's claims rest on.
 
-Everything is computed from the evaluation tools' JSON outputs and the driver's stage records (the
-training cost read from the trainer's --metrics-file), so the report can be redone without
-re-running anything.
+Everything comes from the evaluation tools' JSON outputs and the driver's stage records (training
+cost from the trainer's --metrics-file), so the report can be redone without re-running anything.
+A row's value is the mean over its seeds; its spread is the largest distance of a seed from that
+mean, so mean +- spread holds every seed. A difference between two rows counts as real only when
+it exceeds the sum of their spreads (the seed ranges do not overlap). A one-seed row has no spread
+of its own; it is given the spread of the row it is compared with (its seeds would vary as much),
+so that a single lucky seed cannot make a difference real.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import List, Optional
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence
 
-from experiments.pose_small.settings import Settings
-from pose_megatron.evaluation.report import load_pyplot
+from experiments.pose_small.settings import Run, Settings
 
 LABELS = {"base": "No fine-tuning (base)", "pose-linear": "PoSE-Linear", "pose-ntk": "PoSE-NTK",
-          "pose-yarn-revised": "PoSE-YaRN (revised)", "full-length": "Full-length", "pi-only": "PI-only",
-          "randpos": "RandPos"}
+          "pose-yarn-revised": "PoSE-YaRN (revised)", "full-length": "Full-length",
+          "full-length-equal-tokens": "Full-length, equal tokens", "pi-only": "PI-only", "randpos": "RandPos"}
+
+MAIN_ROWS = ["base", "pose-linear", "pose-ntk", "pose-yarn-revised", "full-length", "pi-only", "randpos"]
+"""Rows of the main table (the paper's protocol: same steps and sequences per step)."""
+EQUAL_TOKEN_ROWS = [r if r != "full-length" else "full-length-equal-tokens" for r in MAIN_ROWS]
+"""Rows of the equal-tokens table: only the full-length row differs."""
+POSE_ROWS = ["pose-linear", "pose-ntk", "pose-yarn-revised"]
 
 
-def build_summary(s: Settings, state: dict, labels: List[str], results: dict) -> dict:
-    """Everything the tables and the figure show, in one JSON-able dict: `state` is the driver's
-    record of its stages, `labels` the evaluated checkpoints in order, `results` the evaluation
-    tools' JSON outputs by task."""
-    ppl, passkey = results["perplexity"]["results"], results["passkey"]["results"]
-    models = {}
-    for label in labels:
-        entry = {
-            "perplexity": {str(n): ppl[label][str(n)]["perplexity"] for n in s.ppl_lengths},
-            "passkey": {str(n): passkey[label]["by_length"][str(n)]["accuracy"] for n in s.passkey_lengths},
-            "far_corpus": _far(results["far_tokens"]["results"]["corpus"][label]),
-            "far_synthetic": _far(results["far_tokens"]["results"]["synthetic"][label]),
-        }
-        if label != "base":
-            run = state[f"extend/{label}"]
-            entry["cost"] = {k: run.get(k) for k in ("wall_seconds", "cpu_seconds", "tokens_per_s", "ms_per_it",
-                                                     "peak_mem_gib", "final_loss", "tokens_per_step", "steps")}
-        models[label] = entry
+def stat(values: Sequence[float]) -> dict:
+    """Mean, spread (largest |value - mean|) and the values themselves."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    return {"mean": mean, "spread": max(abs(v - mean) for v in values), "values": values, "n": len(values)}
+
+
+def _checkpoint_numbers(label: str, results: Dict[str, list]) -> dict:
+    """One checkpoint's metrics from the tools' outputs (each task has one output per group)."""
+    def find(task: str, pick):
+        for output in results[task]:
+            found = pick(output)
+            if found is not None:
+                return output, found
+        raise KeyError(f"no {task} result for checkpoint {label!r}: rerun the evaluation stages")
+
+    _, ppl = find("perplexity", lambda o: o["results"].get(label))
+    pk_out, pk = find("passkey", lambda o: o["results"].get(label))
+    far_out, _ = find("far_tokens", lambda o: o["results"]["corpus"].get(label))
+    far = {name: far_out["results"][name][label] for name in far_out["results"]}
     return {
-        "settings": dataclasses.asdict(s),
-        "pretrain": {k: state["pretrain"].get(k) for k in ("wall_seconds", "cpu_seconds", "tokens_per_s",
-                                                           "peak_mem_gib", "final_loss", "validation")},
-        "pretrain_more": {k: state.get("pretrain_more", {}).get(k) for k in ("wall_seconds", "cpu_seconds",
-                                                                             "tokens_per_s", "final_loss")},
-        "models": models,
-        "eval_cost": {k.split("/")[1]: v for k, v in state.items() if k.startswith("eval/")},
-        "data": {k: v for k, v in state["data"].items() if k in ("synthetic", "eval_corpus_documents",
-                                                              "filler_tokens_per_word")},
-        "far_protocol": results["far_tokens"]["protocol"],
-        "ppl_data": results["perplexity"]["data"],
+        "perplexity": {n: r["perplexity"] for n, r in ppl.items()},
+        "passkey": {n: r["accuracy"] for n, r in pk["by_length"].items()},
+        "passkey_trials": {n: r["trials"] for n, r in pk["by_length"].items()},
+        "passkey_skipped": pk_out["skipped"]["by_length"],
+        "far": {name: {"full": r["full_perplexity"], "short": r["short_perplexity"], "ratio": r["ratio"],
+                       "tokens": r["tokens_scored"], "marked_only": r["marked_only"]} for name, r in far.items()},
     }
 
 
-def _far(r: dict) -> dict:
-    return {"full": r["full_perplexity"], "short": r["short_perplexity"], "ratio": r["ratio"],
-            "tokens": r["tokens_scored"]}
+def _cost(record: dict) -> dict:
+    keys = ("wall_seconds", "cpu_seconds", "tokens_per_s", "ms_per_it", "peak_mem_gib", "final_loss",
+            "sequences_per_step", "tokens_per_step", "train_length", "steps")
+    return {k: record.get(k) for k in keys}
 
 
-def _fmt(value: Optional[float], digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def _aggregate(members: List[dict]) -> dict:
+    """Mean and spread of every metric over a row's checkpoints."""
+    first = members[0]
+    row = {"perplexity": {n: stat([m["perplexity"][n] for m in members]) for n in first["perplexity"]},
+           "passkey": {n: stat([m["passkey"][n] for m in members]) for n in first["passkey"]},
+           "far": {name: {k: stat([m["far"][name][k] for m in members]) for k in ("full", "short", "ratio")}
+                   for name in first["far"]}}
+    if "cost" in first:
+        row["cost"] = {k: stat([m["cost"][k] for m in members]) for k in first["cost"] if first["cost"][k] is not None}
+    return row
 
 
-def _ppl(value: Optional[float]) -> str:
-    """Perplexities as in the paper's table: beyond 1000 is just >1000."""
-    return ">1000" if value is not None and value > 1000 else _fmt(value)
+def build_summary(s: Settings, cache, runs: List[Run], results: Dict[str, list]) -> dict:
+    """Everything the tables and the figure show, in one JSON-able dict."""
+    state = cache.state
+    checkpoints = {"base": _checkpoint_numbers("base", results)}
+    for run in runs:
+        checkpoints[run.label] = {**_checkpoint_numbers(run.label, results),
+                                  "cost": _cost(state[f"extend/{run.label}"]), "run": dataclasses.asdict(run)}
+    rows: Dict[str, dict] = OrderedDict()
+    for setting in ("main", "fair"):
+        for method in ["base"] + list(LABELS):
+            labels = ["base"] if method == "base" else [r.label for r in runs if r.method == method and r.setting == setting]
+            if not labels or (method == "base" and setting != "main"):
+                continue
+            key = method if setting == "main" else f"{method}.{setting}"
+            rows[key] = {"method": method, "setting": setting, "labels": labels,
+                         **_aggregate([checkpoints[label] for label in labels])}
+            rows[key]["flatness"] = flatness(rows[key], dataclasses.asdict(s))
+    pretrain = [state[k] for k in state if k.startswith("pretrain/")]
+    summary = {
+        "settings": dataclasses.asdict(s),
+        "checkpoints": checkpoints,
+        "rows": rows,
+        "pretrain": {"validation": [v for part in pretrain for v in part["validation"]],
+                     "final_loss": pretrain[-1]["final_loss"] if pretrain else None,
+                     "tokens_per_s": stat([p["tokens_per_s"] for p in pretrain]) if pretrain else None},
+        "stages": cache.costs(),
+        "data": {k: {f: v for f, v in state[k].items() if f not in ("fingerprint",)} for k in state if k.startswith("data/")},
+        "far_protocol": results["far_tokens"][0]["protocol"],
+        "passkey_protocol": results["passkey"][0]["protocol"],
+        "ppl_data": results["perplexity"][0]["data"],
+    }
+    summary["comparisons"] = comparisons(summary)
+    return summary
 
 
-def render_markdown(summary: dict) -> str:
-    s, models = summary["settings"], summary["models"]
-    far = summary["far_protocol"]
-    lines = [f"Main results ({s['model']} model, {s['seq_length']} -> {s['target_length']}, seed {s['seed']}; "
-             f"perplexity on held-out corpus documents, stride {s['ppl_stride']}; passkey accuracy over "
-             f"{s['passkey_trials']} trials per length; far tokens = positions {far['start']}..{far['end'] - 1} "
-             f"scored with full context vs a {far['short_window']}-token window):", ""]
-    ppl_cols = [f"PPL {n}" for n in s["ppl_lengths"]]
-    pk_cols = [f"passkey {n}" for n in s["passkey_lengths"]]
-    header = ["Model", "train / target"] + ppl_cols + pk_cols + ["far full / short (corpus)",
-                                                               "far full / short (synthetic)"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, m in models.items():
-        span = {"base": f"{s['seq_length']} / {s['seq_length']}",
-                "full-length": f"{s['target_length']} / {s['target_length']}",
-                "pi-only": f"{s['seq_length']} / {s['seq_length']} (x{s['target_length'] // s['seq_length']})"}
-        row = [LABELS.get(label, label), span.get(label, f"{s['seq_length']} / {s['target_length']}")]
-        row += [_ppl(m["perplexity"][str(n)]) for n in s["ppl_lengths"]]
-        row += [f"{100 * m['passkey'][str(n)]:.0f}%" for n in s["passkey_lengths"]]
-        row += [f"{_ppl(m[k]['full'])} / {_ppl(m[k]['short'])}" for k in ("far_corpus", "far_synthetic")]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", f"Cost of each extension run ({s['extend_iters']} steps of {s['extend_batch'] * s['seq_length']} "
-              f"tokens, {s['nproc']} CPU processes; wall time includes start-up; CPU time is summed over processes):",
-              "", "| Method | train length | wall time (s) | CPU time (s) | tokens/s | ms/step | peak memory per process (GiB) | final loss |",
-              "|---|---|---|---|---|---|---|---|"]
-    for label, m in models.items():
-        c = m.get("cost")
-        if not c:
-            continue
-        length = s["target_length"] if label == "full-length" else s["seq_length"]
-        lines.append(f"| {LABELS.get(label, label)} | {length} | {_fmt(c['wall_seconds'], 0)} | {_fmt(c['cpu_seconds'], 0)} | "
-                     f"{_fmt(c['tokens_per_s'], 0)} | {_fmt(c['ms_per_it'], 0)} | {_fmt(c['peak_mem_gib'])} | {_fmt(c['final_loss'], 3)} |")
-    p = summary["pretrain"]
-    lines += ["", f"Pretraining: {s['pretrain_iters']} steps of {s['pretrain_batch'] * s['seq_length']} tokens, "
-              f"wall {_fmt(p['wall_seconds'], 0)} s, CPU {_fmt(p['cpu_seconds'], 0)} s, {_fmt(p['tokens_per_s'], 0)} tokens/s, "
-              f"final training loss {_fmt(p['final_loss'], 3)}.", ""]
-    if p.get("validation"):
-        lines.append("Pretraining validation (held-out split of the mixture): " + ", ".join(
-            f"step {v['iteration']}: ppl {v['ppl']:.2f}" for v in p["validation"]) + ".")
-    return "\n".join(lines) + "\n"
-
-
-def plot_summary(summary: dict, path: Path) -> Optional[Path]:
-    """Perplexity and passkey accuracy against length, one line per model."""
-    plt = load_pyplot()
-    if plt is None:
+def difference(rows: dict, a: str, b: str, metric: str, length: Optional[str] = None, far: Optional[str] = None,
+               field: str = "full") -> Optional[dict]:
+    """a minus b on one metric, with both spreads and whether the difference exceeds them."""
+    if a not in rows or b not in rows:
         return None
-    s, models = summary["settings"], summary["models"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, m in models.items():
-        style = {"linestyle": "--"} if label in ("base", "randpos", "pi-only") else {}
-        ppl = [m["perplexity"][str(n)] for n in s["ppl_lengths"]]
-        left.plot(s["ppl_lengths"], ppl, marker="o", label=LABELS.get(label, label), **style)
-        acc = [100 * m["passkey"][str(n)] for n in s["passkey_lengths"]]
-        right.plot(s["passkey_lengths"], acc, marker="o", label=LABELS.get(label, label), **style)
-    for ax in (left, right):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(s["ppl_lengths"])
-        ax.set_xticklabels([str(n) for n in s["ppl_lengths"]])
-        ax.axvline(s["seq_length"], color="grey", linewidth=0.8, linestyle=":")
-        ax.set_xlabel("evaluation length (tokens)")
-        ax.grid(alpha=0.3)
-    left.set_yscale("log")
-    left.set_ylabel("perplexity (held-out corpus)")
-    left.set_title("Sliding-window perplexity")
-    right.set_ylabel("passkey accuracy (%)")
-    right.set_ylim(-5, 105)
-    right.set_title("Passkey retrieval")
-    right.legend(fontsize=8, loc="best")
-    fig.suptitle(f"{s['model']} model, trained at {s['seq_length']}, extended to {s['target_length']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+
+    def pick(row):
+        return row["far"][far][field] if metric == "far" else row[metric][length]
+
+    x, y = pick(rows[a]), pick(rows[b])
+    gap = x["mean"] - y["mean"]
+    spread_a = x["spread"] if x["n"] > 1 else y["spread"]
+    spread_b = y["spread"] if y["n"] > 1 else x["spread"]
+    spreads = spread_a + spread_b
+    known = x["n"] > 1 or y["n"] > 1
+    return {"a": a, "b": b, "metric": metric, "length": length, "far": far, "field": field,
+            "a_mean": x["mean"], "b_mean": y["mean"], "difference": gap, "spreads": spreads,
+            "real": known and abs(gap) > spreads}
+
+
+def flatness(row: dict, s: dict) -> dict:
+    """Perplexity at L_t over perplexity at L_c, per seed (how much a model degrades with length)."""
+    lc, lt = str(s["seq_length"]), str(s["target_length"])
+    ratios = [t / c for t, c in zip(row["perplexity"][lt]["values"], row["perplexity"][lc]["values"])]
+    return stat(ratios)
+
+
+def comparisons(summary: dict) -> List[dict]:
+    """The differences the paper's claims are about (docs/reference.md, "Paper results"): PoSE
+    against full-length training, RandPos and PI-only at L_t; PI-only against PoSE-Linear at L_c;
+    the added setting against its method's main runs at L_c and L_t."""
+    rows, s = summary["rows"], summary["settings"]
+    lc, lt = str(s["seq_length"]), str(s["target_length"])
+    out = []
+    for metric in ("perplexity", "passkey"):
+        for pose in POSE_ROWS:
+            out += [difference(rows, pose, full, metric, lt) for full in ("full-length", "full-length-equal-tokens")]
+            out += [difference(rows, "randpos", pose, metric, lt), difference(rows, pose, "pi-only", metric, lt)]
+        out.append(difference(rows, "pi-only", "pose-linear", metric, lc))
+        for key, row in rows.items():  # the added setting against the same method's main runs
+            if row["setting"] != "main":
+                out += [difference(rows, key, row["method"], metric, n) for n in (lc, lt)]
+    return [c for c in out if c is not None]

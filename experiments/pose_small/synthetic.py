@@ -24,6 +24,15 @@ previous answer, which is itself at distance g_i. Gaps are log-uniform between `
 `max_gap` tokens, so short and long distances both occur; `max_gap` up to the window trains the
 window's full range of distances.
 
+Extension documents leave the task line out and open with the key: a PoSE sample's first chunk
+holds at most L_c / 2 tokens, fewer than the task and key lines together at L_c = 128, and only a
+key in the first chunk with a question in the second teaches retrieval across the position skip.
+Every method trains on the same documents.
+
+For far-token scoring (`answer_spans`) the answer digits are located in the tokenized document;
+`far_answer_spans` keeps the answers whose previous mention of the key lies beyond a short
+window, the tokens a short context cannot copy.
+
 Lengths are planned in tokens through `tokens_per_word` (the filler's measured density, see
 `filler_tokens_per_word`), so a document's realised token count is close to, not exactly, the plan.
 Numpy only; the tokenizer is needed only to measure the density.
@@ -34,7 +43,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterator, List
+from typing import Iterator, List, Tuple
 
 import numpy as np
 
@@ -69,6 +78,11 @@ class RetrievalDocSpec:
     """Largest filler gap before a question (the longest key-to-question distance, roughly)."""
     tokens_per_word: float = 1.85
     """Filler density used to turn token plans into words (measure with filler_tokens_per_word)."""
+    lead_with_task: bool = True
+    """Open with the evaluation's task line (else the document opens with the filler and key)."""
+    first_answer_by: int = 0
+    """When > 0, the first question's answer is planned to end by this token (a window-long
+    training sample then holds it, while the document runs on past the window)."""
 
     def __post_init__(self):
         if self.num_tokens < LINE_TOKENS["task"] + LINE_TOKENS["key"] + LINE_TOKENS["qa"]:
@@ -108,13 +122,18 @@ def make_retrieval_doc(rng: np.random.Generator, spec: RetrievalDocSpec) -> Retr
     key = int(rng.integers(KEY_RANGE[0], KEY_RANGE[1] + 1))
     offset_tokens = int(rng.integers(0, spec.max_key_offset + 1))
     key_words = int(round(offset_tokens / tpw))
-    used = LINE_TOKENS["task"] + offset_tokens + LINE_TOKENS["key"]
-    lines = [TASK, filler(key_words), key_line(key)]
+    if spec.lead_with_task:
+        used = LINE_TOKENS["task"] + offset_tokens + LINE_TOKENS["key"]
+        lines = [TASK, filler(key_words), key_line(key)]
+    else:
+        used = offset_tokens + LINE_TOKENS["key"]
+        lines = ([filler(key_words)] if key_words else []) + [key_line(key)]
     gaps: List[int] = []
     while True:
         # Every question fits the budget (a gap is shrunk to what is left, but kept >= min_gap),
         # so a window-long training sample sees its questions.
-        room = spec.num_tokens - used - LINE_TOKENS["qa"]
+        limit = spec.first_answer_by if spec.first_answer_by and not gaps else spec.num_tokens
+        room = limit - used - LINE_TOKENS["qa"]
         gap_tokens = max(spec.min_gap, min(_log_uniform(rng, spec.min_gap, spec.max_gap), room))
         words = max(1, int(round(gap_tokens / tpw)))
         lines += [filler(words), answer_line(key)]
@@ -127,20 +146,29 @@ def make_retrieval_doc(rng: np.random.Generator, spec: RetrievalDocSpec) -> Retr
 
 
 def pretraining_spec(window: int, tokens_per_word: float) -> RetrievalDocSpec:
-    """Documents for pretraining at `window`: a little longer than the window (so a training
-    sample is a full window of one document), key anywhere in the first half, gaps up to the window."""
-    return RetrievalDocSpec(num_tokens=window + window // 16, max_key_offset=window // 2,
-                            min_gap=8, max_gap=window - LINE_TOKENS["task"] - LINE_TOKENS["key"],
-                            tokens_per_word=tokens_per_word)
+    """Documents for pretraining at `window`, laid out like the passkey prompt at that length: the
+    task line, the key in the first half of the room the fixed lines leave, and a first question
+    that ends inside the window (a training sample is the document's first window), then more
+    questions."""
+    # A sixteenth of the window is kept free: short filler runs tokenize denser than the planned
+    # density, so realised lengths exceed planned ones by a few tokens.
+    # The document runs on by a quarter window, since the dataset keeps only documents longer than
+    # the window (so every sample is full length).
+    budget = window - window // 16
+    room = budget - LINE_TOKENS["task"] - LINE_TOKENS["key"] - LINE_TOKENS["qa"]
+    if room < 8:
+        raise ValueError(f"a {window}-token window cannot hold the task, key and question lines")
+    return RetrievalDocSpec(num_tokens=window + window // 4, max_key_offset=room // 2, min_gap=8, max_gap=room,
+                            tokens_per_word=tokens_per_word, first_answer_by=budget)
 
 
-def extension_spec(target: int, tokens_per_word: float) -> RetrievalDocSpec:
-    """Documents for extension to `target`: longer than the target (so full-length training reads
-    a full window), key in the first sixteenth (a PoSE sample's first chunk holds it often), gaps
-    up to the target."""
-    return RetrievalDocSpec(num_tokens=target + target // 8, max_key_offset=target // 16,
-                            min_gap=8, max_gap=target - LINE_TOKENS["task"] - LINE_TOKENS["key"],
-                            tokens_per_word=tokens_per_word)
+def extension_spec(target: int, window: int, tokens_per_word: float) -> RetrievalDocSpec:
+    """Documents for extension from `window` to `target`: longer than the target (so full-length
+    training reads a full window), the key at the start (within a sixteenth of the window: a PoSE
+    sample's first chunk holds it about half the time), questions after gaps up to the target."""
+    return RetrievalDocSpec(num_tokens=target + target // 8, max_key_offset=window // 16,
+                            min_gap=8, max_gap=target - LINE_TOKENS["key"],
+                            tokens_per_word=tokens_per_word, lead_with_task=False)
 
 
 def iter_retrieval_docs(spec: RetrievalDocSpec, num_docs: int, seed: int) -> Iterator[RetrievalDoc]:
@@ -175,6 +203,46 @@ def key_question_distances(token_ids, key: int, tokenizer) -> List[int]:
             if ids[i:i + n_q] == question_ids]
 
 
+def key_mentions(token_ids, key: int, tokenizer) -> List[Tuple[int, int]]:
+    """Token spans [first, end) of every mention of the key: the maximal runs of digit tokens (the
+    filler and the fixed lines hold no digit). Each run must spell the key."""
+    ids = [int(t) for t in token_ids]
+    is_digit = {t: tokenizer.detokenize([t]).strip().isdigit() for t in set(ids)}
+    runs, first = [], None
+    for i, t in enumerate(ids + [None]):
+        if t is not None and is_digit[t]:
+            first = i if first is None else first
+        elif first is not None:
+            runs.append((first, i))
+            first = None
+    for a, b in runs:
+        if tokenizer.detokenize(ids[a:b]).strip() != str(key):
+            raise ValueError(f"tokens {a}..{b - 1} spell {tokenizer.detokenize(ids[a:b])!r}, not the key {key}")
+    return runs
+
+
+def answer_spans(token_ids, key: int, tokenizer) -> List[Tuple[int, int]]:
+    """Token spans of the answers' digits: the key mentions that follow a question (after at most
+    a separating space token)."""
+    ids = [int(t) for t in token_ids]
+    question = tokenizer.tokenize(QUESTION)
+    ends = {i + len(question) for i in range(len(ids) - len(question) + 1)
+            if ids[i:i + len(question)] == question}
+    return [(a, b) for a, b in key_mentions(ids, key, tokenizer) if a in ends or a - 1 in ends]
+
+
+def far_answer_spans(token_ids, key: int, tokenizer, window: int) -> List[Tuple[int, int]]:
+    """The answers whose previous key mention (the key line or an earlier answer) ends at least
+    window - 1 tokens before them: no `window`-token context ending at the answer can copy it."""
+    answers = set(answer_spans(token_ids, key, tokenizer))
+    far, previous_end = [], None
+    for span in key_mentions(token_ids, key, tokenizer):
+        if span in answers and previous_end is not None and span[0] - previous_end >= window - 1:
+            far.append(span)
+        previous_end = span[1]
+    return far
+
+
 def measure_lengths(docs: List[RetrievalDoc], tokenizer) -> np.ndarray:
     """Realised token counts of documents (for the README's description of the data)."""
     return np.asarray([len(tokenizer.tokenize(d.text)) for d in docs], dtype=np.int64)
@@ -193,7 +261,7 @@ def describe(spec: RetrievalDocSpec, tokenizer=None, sample: int = 50, seed: int
 
 
 __all__ = [
-    "LINE_TOKENS", "RetrievalDoc", "RetrievalDocSpec", "answer_line", "describe", "extension_spec",
-    "filler_tokens_per_word", "iter_retrieval_docs", "key_question_distances", "make_retrieval_doc",
-    "pretraining_spec", "write_retrieval_jsonl",
+    "LINE_TOKENS", "RetrievalDoc", "RetrievalDocSpec", "answer_line", "answer_spans", "describe",
+    "extension_spec", "far_answer_spans", "filler_tokens_per_word", "iter_retrieval_docs", "key_mentions",
+    "key_question_distances", "make_retrieval_doc", "pretraining_spec", "write_retrieval_jsonl",
 ]

@@ -28,9 +28,11 @@ from pose_megatron.evaluation.documents import (
 from pose_megatron.evaluation.far_tokens import FarTokenResult, evaluate_far_tokens
 from pose_megatron.evaluation.passkey import (
     PasskeyPromptBuilder,
+    PromptDoesNotFit,
     evaluate_passkey,
     first_integer,
     make_trials,
+    plan_prompts,
     summarize,
 )
 from pose_megatron.evaluation.perplexity import (
@@ -50,6 +52,7 @@ __all__ = [
     "NoUsableDocumentsError",
     "PasskeyPromptBuilder",
     "PerplexityResult",
+    "PromptDoesNotFit",
     "ScoreRequest",
     "Window",
     "evaluate_far_tokens",
@@ -59,6 +62,7 @@ __all__ = [
     "load_documents",
     "make_trials",
     "open_backend",
+    "plan_prompts",
     "plan_windows",
     "register_backend",
     "summarize",

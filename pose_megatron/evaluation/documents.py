@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
 import numpy as np
@@ -29,6 +29,9 @@ class DocumentSet:
 
     documents: List[np.ndarray]
     """Token ids of each usable document (int64), BOS / EOD stripped."""
+    indices: List[int] = field(default_factory=list)
+    """Each usable document's position in the source (0-based, counting skipped ones), so that
+    per-document side data (e.g. far-token score spans) can be matched to it."""
     skipped: int = 0
     """Documents read but skipped for being shorter than min_tokens."""
     source: str = ""
@@ -140,13 +143,14 @@ def load_documents(
         stream = _iter_indexed(data_path)
 
     found = DocumentSet(documents=[], source=data_path, min_tokens=min_tokens)
-    for tokens in stream:
+    for index, tokens in enumerate(stream):
         tokens = _strip_markers(tokens, bos, eod)
         if len(tokens) < min_tokens:
             found.skipped += 1
             found.longest_skipped = max(found.longest_skipped, len(tokens))
             continue
         found.documents.append(tokens)
+        found.indices.append(index)
         if num_docs is not None and len(found.documents) >= num_docs:
             break
     if not found.documents:

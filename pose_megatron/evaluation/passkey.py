@@ -3,8 +3,12 @@
 The prompt is the task line, filler, the key line, more filler and the question, one per line (the
 layout of the landmark-attention test PoSE uses): the filler before the key is the first `k` words of
 the repeated filler sentences and the filler after it the first `n - k`, with `k = round(depth * n)`.
-`n` is searched so that BOS + the tokenized prompt lands within 1% of the requested token length.
-The model decodes greedily; a trial is correct when the first integer of its answer is the key.
+
+A test at length L must not read past L: the filler word count `n` is searched so that BOS + the
+prompt + the answer's `max_new_tokens` fit in L tokens, and fall short of L by at most one filler
+sentence (the longest one, in tokens). A trial that no word count fits that way is skipped and
+counted; a length at which every trial is skipped is an error. The model decodes greedily; a trial
+is correct when the first integer of its answer is the key.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 QUESTION = "What is the pass key? The pass key is"
 KEY_RANGE = (1, 50000)
 """Keys are uniform integers in this closed range (as in the landmark-attention passkey test)."""
-LENGTH_TOLERANCE = 0.01
-"""A prompt's token count must be within this fraction of the requested length."""
 
 _FILLER_WORDS = FILLER.split(" ")
+FILLER_SENTENCES = [s if s.endswith(".") else s + "." for s in FILLER.split(". ")]
+"""The filler's sentences; the longest, in tokens, is how far a prompt may fall short of its length."""
 
 
 def key_line(key: int) -> str:
@@ -81,15 +85,26 @@ class PasskeyPrompt:
         return len(self.token_ids)
 
 
-class PasskeyPromptBuilder:
-    """Builds prompts of a requested token length for one tokenizer (caches its filler density)."""
+class PromptDoesNotFit(ValueError):
+    """No filler word count puts a trial's prompt in its token range (the trial is skipped)."""
 
-    def __init__(self, tokenizer, bos: Optional[int] = None):
+
+class PasskeyPromptBuilder:
+    """Builds prompts that fit a requested token length for one tokenizer (caches its filler
+    density). `answer_tokens` is the room kept for the answer (the tool's --max-new-tokens): BOS +
+    prompt + answer_tokens <= length >= the same minus one filler sentence."""
+
+    def __init__(self, tokenizer, answer_tokens: int = 0, bos: Optional[int] = None):
+        if answer_tokens < 0:
+            raise ValueError(f"answer_tokens must be >= 0, got {answer_tokens}")
         self.tokenizer = tokenizer
+        self.answer_tokens = answer_tokens
         self.bos = tokenizer.bos if bos is None else bos
         self._head = [] if self.bos is None else [self.bos]
         probe = 400
         self.tokens_per_word = len(tokenizer.tokenize(filler(probe))) / probe
+        self.sentence_tokens = max(len(tokenizer.tokenize(s)) for s in FILLER_SENTENCES)
+        """How many tokens short of its budget a prompt may be: one filler sentence."""
         self._hint: Dict[int, int] = {}  # length -> filler words that fitted last time
 
     def _tokens(self, text: str) -> List[int]:
@@ -99,49 +114,59 @@ class PasskeyPromptBuilder:
         before = round(depth * words)
         return before, words - before
 
+    def budget(self, length: int) -> int:
+        """The most tokens BOS + prompt may hold at `length` (the answer needs the rest)."""
+        return length - self.answer_tokens
+
     def build(self, length: int, depth: float, key: int) -> PasskeyPrompt:
+        """The prompt with the most filler that fits the budget; PromptDoesNotFit when even no
+        filler is too long, or when the closest fit falls short by more than one filler sentence."""
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth must be in [0, 1], got {depth}")
-        accept = math.floor(LENGTH_TOLERANCE * length)
-        aim = math.floor(LENGTH_TOLERANCE * length / 2)
+        budget = self.budget(length)
 
-        def count(words: int) -> List[int]:
-            return self._tokens(prompt_text(key, *self._split(words, depth)))
+        sizes: Dict[int, int] = {}  # filler words -> tokens of BOS + prompt
 
-        bare = len(count(0))
-        if bare > length + accept:
-            raise ValueError(
-                f"a passkey prompt needs {bare} tokens without any filler; {length} is too short"
-            )
-        words = self._hint.get(length, max(0, round((length - bare) / self.tokens_per_word)))
-        best_words, best_ids, tried = None, None, set()
+        def size(words: int) -> int:
+            if words not in sizes:
+                sizes[words] = len(self._tokens(prompt_text(key, *self._split(words, depth))))
+            return sizes[words]
+
+        bare = size(0)
+        if bare > budget:
+            raise PromptDoesNotFit(
+                f"a passkey prompt needs {bare} tokens without any filler, plus {self.answer_tokens} "
+                f"for the answer; {length} is too short")
+        words = self._hint.get(length, max(0, round((budget - bare) / self.tokens_per_word)))
         for _ in range(30):  # secant steps on the word count; token counts are near-linear in it
-            if words in tried:
-                break
-            ids = count(words)
-            tried.add(words)
-            if best_ids is None or abs(len(ids) - length) < abs(len(best_ids) - length):
-                best_words, best_ids = words, ids
-            miss = length - len(ids)
-            if abs(miss) <= aim:
+            miss = budget - size(words)
+            if 0 <= miss < self.sentence_tokens:
                 break
             step = round(miss / self.tokens_per_word) or (1 if miss > 0 else -1)
+            if max(0, words + step) in sizes:
+                break  # cycling between two counts: settle below
             words = max(0, words + step)
-        if abs(len(best_ids) - length) > accept:
-            raise ValueError(
-                f"could not fit a passkey prompt to {length} tokens (closest {len(best_ids)})"
-            )
-        self._hint[length] = best_words
-        before, _ = self._split(best_words, depth)
+        # Settle on the most words that fit: down while over budget, then up while one more fits
+        # (a word is a few tokens, so both walks are short).
+        words = max((w for w, n in sizes.items() if n <= budget), default=0)
+        ceiling = max(sizes) + 64
+        while words < ceiling and size(words + 1) <= budget:
+            words += 1
+        if size(words) < budget - self.sentence_tokens:
+            raise PromptDoesNotFit(
+                f"no filler length puts a passkey prompt (key {key}, depth {depth:.3f}) within "
+                f"{self.sentence_tokens} tokens below {budget} (closest {size(words)})")
+        self._hint[length] = words
+        before, _ = self._split(words, depth)
         start = len(self._tokens(TASK + "\n"))
         key_index = len(self._tokens(TASK + "\n" + filler(before) + "\n"))
-        filler_tokens = max(1, len(best_ids) - bare)
+        filler_tokens = max(1, size(words) - bare)
         return PasskeyPrompt(
             length=length,
             depth=depth,
             key=key,
-            token_ids=np.asarray(best_ids, dtype=np.int64),
-            filler_words=best_words,
+            token_ids=np.asarray(self._tokens(prompt_text(key, *self._split(words, depth))), dtype=np.int64),
+            filler_words=words,
             key_token_index=key_index,
             realized_depth=min(1.0, max(0.0, (key_index - start) / filler_tokens)),
         )
@@ -181,8 +206,55 @@ def make_trials(
     return out
 
 
+@dataclass
+class SkippedTrial:
+    """A trial whose prompt could not be built to fit its length."""
+
+    length: int
+    depth: float
+    key: int
+    index: int
+    reason: str
+    """Why it did not fit (PromptDoesNotFit's message)."""
+
+
+@dataclass
+class PasskeyPlan:
+    """The prompts of a set of trials: those that fit, and the trials skipped because none did."""
+
+    prompts: List[PasskeyPrompt]
+    skipped: List[SkippedTrial]
+
+    def skipped_by_length(self, lengths: Sequence[int]) -> Dict[int, int]:
+        """Skipped trials per length (0 where none was), for the JSON and the tables."""
+        return {n: sum(1 for t in self.skipped if t.length == n) for n in lengths}
+
+
+def plan_prompts(builder: PasskeyPromptBuilder, trials: Sequence[PasskeyTrial]) -> PasskeyPlan:
+    """Build every trial's prompt; a trial that does not fit is skipped and recorded. A length at
+    which every trial is skipped is an error (nothing would be measured there)."""
+    prompts, skipped = [], []
+    for t in trials:
+        try:
+            prompts.append(builder.build(t.length, t.depth, t.key))
+        except PromptDoesNotFit as error:
+            skipped.append(SkippedTrial(length=t.length, depth=t.depth, key=t.key, index=t.index,
+                                        reason=str(error)))
+    built = {p.length for p in prompts}
+    for length in dict.fromkeys(t.length for t in trials):
+        if length not in built:
+            reason = next(s.reason for s in skipped if s.length == length)
+            raise ValueError(f"every passkey trial at length {length} was skipped ({reason}); "
+                             "drop that length from --lengths or lower --max-new-tokens")
+    return PasskeyPlan(prompts=prompts, skipped=skipped)
+
+
 def build_prompts(builder: PasskeyPromptBuilder, trials: Sequence[PasskeyTrial]) -> List[PasskeyPrompt]:
-    return [builder.build(t.length, t.depth, t.key) for t in trials]
+    """Every trial's prompt, refusing any skip (PromptDoesNotFit): for callers that need all of them."""
+    plan = plan_prompts(builder, trials)
+    if plan.skipped:
+        raise PromptDoesNotFit(plan.skipped[0].reason)
+    return plan.prompts
 
 
 @dataclass
@@ -258,16 +330,21 @@ class PasskeySummary:
     """length -> {"accuracy", "correct", "trials"}."""
     by_depth: Dict[int, Dict[str, dict]] = field(default_factory=dict)
     """length -> depth label -> {"accuracy", "correct", "trials"}."""
+    skipped: Dict[int, int] = field(default_factory=dict)
+    """length -> trials skipped because their prompt did not fit (not in "trials")."""
 
     def to_json(self) -> dict:
         return {
             "by_length": {str(k): v for k, v in self.by_length.items()},
             "by_depth": {str(k): v for k, v in self.by_depth.items()},
+            "skipped": {str(k): v for k, v in self.skipped.items()},
         }
 
 
-def summarize(outcomes: Sequence[PasskeyOutcome], explicit_depths: bool) -> PasskeySummary:
-    summary = PasskeySummary()
+def summarize(outcomes: Sequence[PasskeyOutcome], explicit_depths: bool,
+              skipped: Optional[Dict[int, int]] = None) -> PasskeySummary:
+    """Accuracy over the answered trials; `skipped` (PasskeyPlan.skipped_by_length) is carried along."""
+    summary = PasskeySummary(skipped=dict(skipped or {}))
 
     def add(cell: dict, correct: bool) -> None:
         cell["trials"] = cell.get("trials", 0) + 1

@@ -69,14 +69,20 @@ def perplexity_table(results: Mapping[str, Mapping[int, dict]], lengths: Sequenc
     return table
 
 
-def passkey_table(summaries: Mapping[str, Mapping[int, dict]], lengths: Sequence[int]) -> str:
-    """Rows: checkpoints; columns: lengths; cells: accuracy in percent (correct / trials)."""
+def passkey_table(summaries: Mapping[str, Mapping[int, dict]], lengths: Sequence[int],
+                  skipped: Optional[Mapping[int, int]] = None) -> str:
+    """Rows: checkpoints; columns: lengths; cells: accuracy in percent (correct / trials), and the
+    trials skipped at that length when there were any (`skipped`: length -> count)."""
     rows = []
     for label, by_length in summaries.items():
         row = [label]
         for length in lengths:
             cell = by_length.get(length)
-            row.append("-" if not cell else f"{100 * cell['accuracy']:.0f}% ({cell['correct']}/{cell['trials']})")
+            text = "-" if not cell else f"{100 * cell['accuracy']:.0f}% ({cell['correct']}/{cell['trials']}"
+            if cell:
+                missed = (skipped or {}).get(length, 0)
+                text += f", {missed} skipped)" if missed else ")"
+            row.append(text)
         rows.append(row)
     return format_table(["checkpoint"] + [str(n) for n in lengths], rows)
 

@@ -9,15 +9,19 @@ per evaluation, so the result does not depend on the parallel layout.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 
 from pose_megatron.evaluation.backend import EvalBackend, ScoreRequest
 from pose_megatron.evaluation.windows import Window, window_input, window_targets
 
 PlannedWindow = Tuple[np.ndarray, Window]
 """A document's tokens [n] and one window over them."""
+MarkedWindow = Tuple[np.ndarray, Window, np.ndarray]
+"""A planned window and a boolean mask over its scored tokens [num_scored]: only the marked ones
+count (far-token scoring of a task's answer tokens)."""
 
 
 def replica_share(plan: Sequence[PlannedWindow], backend: EvalBackend) -> List[PlannedWindow]:
@@ -39,24 +43,28 @@ def equal_length_groups(plan: Sequence[PlannedWindow], group_size: int) -> Itera
 
 def score_windows(
     backend: EvalBackend,
-    windows: Sequence[PlannedWindow],
+    windows: Sequence[Union[PlannedWindow, MarkedWindow]],
     bos: int,
     on_group: Optional[Callable[[int], None]] = None,
 ) -> Tuple[float, int]:
     """NLL sum and token count of `windows` (already this replica's share) on this rank; both are
-    0 on ranks that are not result ranks. `on_group(tokens)` follows each score() call (progress)."""
+    0 on ranks that are not result ranks. A MarkedWindow counts only its marked tokens.
+    `on_group(tokens)` follows each score() call (progress)."""
     nll_sum, count = 0.0, 0
     for group in equal_length_groups(windows, backend.group_size):
         requests = [
-            ScoreRequest(input_ids=window_input(doc, w, bos), targets=window_targets(doc, w),
-                         first_target=w.first_target)
-            for doc, w in group
+            ScoreRequest(input_ids=window_input(item[0], item[1], bos), targets=window_targets(item[0], item[1]),
+                         first_target=item[1].first_target)
+            for item in group
         ]
-        for (_, w), nll in zip(group, backend.score(requests)):
+        for item, nll in zip(group, backend.score(requests)):
+            w = item[1]
             if nll is None:
                 continue
             if len(nll) != w.num_scored:
                 raise RuntimeError(f"backend scored {len(nll)} tokens, expected {w.num_scored}")
+            if len(item) > 2:
+                nll = nll[torch.as_tensor(item[2], dtype=torch.bool)]  # [marked]
             nll_sum += float(nll.sum())
             count += len(nll)
         if on_group is not None:

@@ -1,6 +1,7 @@
 """Far-token scoring (pose_megatron.evaluation.far_tokens) and its tool's input checks, without a model."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -81,11 +82,16 @@ def test_far_tokens_groups_windows_and_checks_the_replica_sums():
         evaluate_far_tokens(lonely, docs + docs, bos=1, start=256, end=512, short_window=64, stride=16)
 
 
-def test_far_token_tool_takes_no_lengths_and_checks_its_flags(capsys, tmp_path):
-    tool = load_tool("eval_far_tokens")
+def _model_dir(tmp_path):
+    """What the tools' flag check asks of an --hf-dir (a config.json); nothing is loaded."""
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text("{}")  # a model directory, never loaded here
-    base = ["--hf-dir", str(tmp_path / "m"), "--data-path", "a", "b", "--output", str(tmp_path / "o.json")]
+    (tmp_path / "m" / "config.json").write_text("{}")
+    return str(tmp_path / "m")
+
+
+def test_far_token_tool_takes_no_lengths_and_checks_its_flags(tmp_path, capsys):
+    tool = load_tool("eval_far_tokens")
+    base = ["--hf-dir", _model_dir(tmp_path), "--data-path", "a", "b", "--output", str(tmp_path / "o.json")]
     args = tool.parse_args(base)
     assert args.data_name == ["a", "b"] and not hasattr(args, "lengths")
     for extra, message in ((["--lengths", "128"], "unrecognized arguments: --lengths"),
@@ -111,12 +117,90 @@ def test_far_token_tool_fails_on_data_before_loading_any_model(tmp_path, capsys)
                                   model_writer=stream, vocab_size=30, hard_vocab_limit=False,
                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
     model.write_bytes(stream.getvalue())
-    (tmp_path / "no-model").mkdir()
-    (tmp_path / "no-model" / "config.json").write_text("{}")  # never loaded: the data fails first
-    status = load_tool("eval_far_tokens").main([
-        "--hf-dir", str(tmp_path / "no-model"), "--data-path", str(tmp_path / "d"),
+    status = load_tool("eval_far_tokens").main([  # the model is never loaded: the data fails first
+        "--hf-dir", _model_dir(tmp_path), "--data-path", str(tmp_path / "d"),
         "--tokenizer-model", str(model), "--far-start", "512", "--far-end", "1024",
         "--output", str(tmp_path / "far.json")])
     assert status == 2
     assert "shorter than 1024 tokens" in capsys.readouterr().err
     assert not (tmp_path / "far.json").exists()
+
+
+def test_marked_tokens_only_are_scored_and_windows_without_marks_are_not_run():
+    docs = [np.arange(600) % 50, np.arange(700) % 40]
+    masks = [np.zeros(600, bool), np.zeros(700, bool)]
+    masks[0][[260, 261, 300, 100]] = True  # 100 lies before the far range: not scored
+    masks[1][[511, 520]] = True  # 520 lies beyond it
+    backend = _ContextBackend()
+    result = evaluate_far_tokens(backend, docs, bos=1, start=256, end=512, short_window=64, stride=16, masks=masks)
+    scored = np.array([260, 261, 300, 511])
+    assert result.tokens_scored == 4 and result.marked_only and result.documents == 2
+    assert math.isclose(result.full_nll, np.mean(1 + 1 / (scored + 1)), rel_tol=1e-12)
+    # Short windows end at a stride boundary: a marked token at p sees 63 - (stride - 1 - (p - 256) % 16)
+    # tokens... computed from the windows themselves, as the tool would:
+    windows = short_windows(256, 512, 64, 16)
+    context = [next(p - w.start + 1 for w in windows if w.score_from <= p < w.end) for p in scored]
+    assert math.isclose(result.short_nll, np.mean(1 + 1 / np.asarray(context)), rel_tol=1e-12)
+    # Two full windows, and only the short windows holding a mark: 256..271, 288..303, 496..511.
+    assert backend.calls == [1, 1, 1, 1, 1]
+    unmarked = evaluate_far_tokens(_ContextBackend(), docs, bos=1, start=256, end=512, short_window=64, stride=16)
+    assert not unmarked.marked_only and unmarked.tokens_scored == 512
+    with pytest.raises(ValueError, match="mark no token in positions 256..511"):
+        evaluate_far_tokens(backend, docs, bos=1, start=256, end=512, short_window=64, stride=16,
+                            masks=[np.zeros(600, bool), np.zeros(700, bool)])
+    with pytest.raises(ValueError, match="shape"):
+        evaluate_far_tokens(backend, docs, bos=1, start=256, end=512, short_window=64, stride=16,
+                            masks=[np.zeros(10, bool), np.zeros(700, bool)])
+
+
+def test_score_spans_are_matched_to_source_documents_and_checked(tmp_path):
+    """Line i of a span file belongs to source document i, also when shorter documents before it
+    were skipped by the evaluation."""
+    from pose_megatron.evaluation.documents import load_documents
+    from pose_megatron.evaluation.far_tokens import masks_from_spans, read_score_spans
+
+    class Words:
+        bos, eod, vocab_size = 1, 2, 1000
+
+        def tokenize(self, text):
+            return [3 + int(w) for w in text.split()]
+
+    data = tmp_path / "docs.jsonl"
+    lengths = [5, 40, 3, 30]
+    data.write_text("".join(json.dumps({"text": " ".join(["7"] * n)}) + "\n" for n in lengths))
+    docs = load_documents(str(data), min_tokens=20, tokenizer=Words())
+    assert docs.indices == [1, 3]
+    spans = tmp_path / "spans.jsonl"
+    spans.write_text("\n".join(json.dumps({"spans": s}) for s in ([[0, 1]], [[2, 4], [10, 11]], [], [[29, 30]])) + "\n")
+    masks = masks_from_spans(read_score_spans(str(spans)), docs, str(spans))
+    assert np.flatnonzero(masks[0]).tolist() == [2, 3, 10] and np.flatnonzero(masks[1]).tolist() == [29]
+
+    spans.write_text(json.dumps({"spans": [[0, 1]]}) + "\n" + json.dumps({"spans": [[0, 41]]}) + "\n")
+    with pytest.raises(ValueError, match=r"spans.jsonl:2: span \[0, 41\) runs past the document's 40 tokens"):
+        masks_from_spans(read_score_spans(str(spans)), docs, str(spans))
+    spans.write_text(json.dumps({"spans": [[0, 1]]}) + "\n" + json.dumps({"spans": [[0, 40]]}) + "\n")
+    with pytest.raises(ValueError, match="has 2 lines, but document 3"):
+        masks_from_spans(read_score_spans(str(spans)), load_documents(str(data), min_tokens=30, tokenizer=Words()),
+                         str(spans))
+    spans.write_text(json.dumps({"spans": [[4, 4]]}) + "\n")
+    with pytest.raises(ValueError, match=":1: spans need 0 <= first < end"):
+        read_score_spans(str(spans))
+    spans.write_text('{"span": []}\n')
+    with pytest.raises(ValueError, match=r':1: expected \{"spans"'):
+        read_score_spans(str(spans))
+
+
+def test_far_token_tool_checks_its_score_span_flags(tmp_path, capsys):
+    tool = load_tool("eval_far_tokens")
+    spans = tmp_path / "s.jsonl"
+    spans.write_text('{"spans": []}\n')
+    base = ["--hf-dir", _model_dir(tmp_path), "--data-path", "a", "b", "--data-name", "corpus", "synthetic",
+            "--output", str(tmp_path / "o.json")]
+    assert tool.parse_args(base + ["--score-spans", f"synthetic={spans}"]).score_spans == {"synthetic": str(spans)}
+    assert tool.parse_args(base).score_spans == {}
+    for extra, message in ((["--score-spans", str(spans)], "write NAME=FILE.jsonl"),
+                           (["--score-spans", f"other={spans}"], "no data set is named 'other'"),
+                           (["--score-spans", "corpus=missing.jsonl"], "missing.jsonl does not exist")):
+        with pytest.raises(SystemExit):
+            tool.parse_args(base + extra)
+        assert message in capsys.readouterr().err

@@ -11,10 +11,12 @@ from pose_megatron.evaluation.backend import EvalBackend
 from pose_megatron.evaluation.passkey import (
     KEY_RANGE,
     PasskeyPromptBuilder,
+    PromptDoesNotFit,
     build_prompts,
     evaluate_passkey,
     first_integer,
     make_trials,
+    plan_prompts,
     prompt_text,
     summarize,
 )
@@ -73,15 +75,22 @@ def test_prompt_is_the_papers():
 
 
 @pytest.mark.parametrize("tokenizer_name", ["char", "spm"])
-def test_prompts_land_within_one_percent_with_key_at_depth(tokenizer_name, spm_tokenizer):
+@pytest.mark.parametrize("answer_tokens", [0, 10])
+def test_prompts_fit_their_length_with_room_for_the_answer_and_key_at_depth(tokenizer_name, answer_tokens,
+                                                                          spm_tokenizer):
+    """BOS + prompt + answer <= length, and short of it by at most one filler sentence (in tokens:
+    the char tokenizer's is "There and back again." = 21, the spm model's a handful)."""
     tokenizer = CharTokenizer() if tokenizer_name == "char" else spm_tokenizer
-    builder = PasskeyPromptBuilder(tokenizer)
-    for length in (300, 1000, 4096):
+    builder = PasskeyPromptBuilder(tokenizer, answer_tokens=answer_tokens)
+    sentence = max(len(tokenizer.tokenize(s + ".")) for s in PAPER_FILLER.rstrip(".").split(". "))
+    assert builder.sentence_tokens == sentence
+    for length in (300, 517, 1000, 4096):
         for depth in (0.0, 0.1, 0.5, 0.9, 1.0):
             key = 31337 + length
             prompt = builder.build(length, depth, key)
             case = (length, depth)
-            assert abs(prompt.num_tokens - length) <= 0.01 * length, (case, prompt.num_tokens)
+            used = prompt.num_tokens + answer_tokens
+            assert length - sentence <= used <= length, (case, prompt.num_tokens)
             ids = prompt.token_ids.tolist()
             assert ids[0] == tokenizer.bos
             # The key line starts at key_token_index...
@@ -97,6 +106,18 @@ def test_prompts_land_within_one_percent_with_key_at_depth(tokenizer_name, spm_t
             assert abs(before / filler_total - depth) <= tolerance, (case, before, filler_total)
             assert abs(prompt.realized_depth - depth) <= tolerance, case
             assert text.rstrip().endswith(PAPER_QUESTION)
+
+
+def test_the_longest_prompt_that_fits_is_chosen():
+    """One more filler word would not fit: the builder takes the most filler the budget allows."""
+    tokenizer = CharTokenizer()
+    builder = PasskeyPromptBuilder(tokenizer, answer_tokens=7)
+    for length in (300, 517, 2000):
+        prompt = builder.build(length, 0.5, 4242)
+        before, after = round(0.5 * (prompt.filler_words + 1)), None
+        after = prompt.filler_words + 1 - before
+        one_more = 1 + len(tokenizer.tokenize(prompt_text(4242, before, after)))
+        assert prompt.num_tokens + 7 <= length < one_more + 7, length
 
 
 def test_prompt_too_short_for_the_template_is_an_error():
@@ -192,3 +213,87 @@ def test_heatmap_and_table(tmp_path):
     path = plot_passkey_heatmap({"a": summary.by_depth, "b": summary.by_depth}, str(tmp_path / "h.png"))
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path
     assert np.isclose(summary.by_length[300]["accuracy"], 4 / 6)
+
+
+def _bare(tokenizer, key):
+    """BOS + the prompt without filler."""
+    return 1 + len(tokenizer.tokenize(prompt_text(key, 0, 0)))
+
+
+def test_trials_that_cannot_fit_are_skipped_and_counted():
+    """With one token per character a 5-digit key makes the prompt 2 tokens longer than a 4-digit
+    one: at a length just too short for 5-digit keys those trials are skipped, the others run."""
+    tokenizer = CharTokenizer()
+    builder = PasskeyPromptBuilder(tokenizer, answer_tokens=10)
+    length = _bare(tokenizer, 10000) - 1 + 10
+    trials = make_trials([length, 600], trials=20, seed=7)
+    long_keys = sum(1 for t in trials if t.length == length and t.key >= 10000)
+    assert 0 < long_keys < 20  # the seed draws both kinds
+    plan = plan_prompts(builder, trials)
+    assert plan.skipped_by_length([length, 600]) == {length: long_keys, 600: 0}
+    assert all(s.key >= 10000 and "too short" in s.reason for s in plan.skipped)
+    assert len(plan.prompts) == 40 - long_keys
+    assert all(p.num_tokens + 10 <= p.length for p in plan.prompts)
+    with pytest.raises(PromptDoesNotFit, match="too short"):
+        build_prompts(builder, trials)  # the strict form refuses any skip
+
+    outcomes = evaluate_passkey(OracleBackend(tokenizer), plan.prompts, tokenizer.detokenize, progress=False)
+    summary = summarize(outcomes, explicit_depths=False, skipped=plan.skipped_by_length([length, 600]))
+    assert summary.by_length[length]["trials"] == 20 - long_keys
+    assert summary.to_json()["skipped"] == {str(length): long_keys, "600": 0}
+    from pose_megatron.evaluation.report import passkey_table
+
+    table = passkey_table({"a": summary.by_length}, [length, 600], summary.skipped)
+    assert f"({20 - long_keys}/{20 - long_keys}, {long_keys} skipped)" in table and "(20/20)" in table
+
+
+class JumpTokenizer(CharTokenizer):
+    """One token per character, plus 50 more for any text beyond 400 characters: adding a word
+    can jump further than one filler sentence."""
+
+    def tokenize(self, text):
+        return super().tokenize(text) + ([0] * 50 if len(text) > 400 else [])
+
+
+def test_a_prompt_short_by_more_than_a_sentence_is_skipped_and_a_length_with_no_trial_is_an_error():
+    builder = PasskeyPromptBuilder(JumpTokenizer())
+    assert builder.sentence_tokens == 21
+    with pytest.raises(PromptDoesNotFit, match=r"within 21 tokens below 430 \(closest 40\d\)"):
+        builder.build(430, 0.5, 4242)
+    with pytest.raises(ValueError, match="every passkey trial at length 430 was skipped"):
+        plan_prompts(builder, make_trials([430, 600], trials=3, seed=1))
+    with pytest.raises(ValueError, match="every passkey trial at length 50 was skipped.*too short"):
+        plan_prompts(PasskeyPromptBuilder(CharTokenizer()), make_trials([50, 300], trials=3))
+
+
+def test_the_tool_reports_skips_in_its_json_and_table(tmp_path, monkeypatch, capsys):
+    """tools/eval_passkey.py: prompts leave room for --max-new-tokens; skipped trials are counted
+    per length in the JSON and the printed table (the model is the oracle, the tokenizer chars)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "eval_passkey", Path(__file__).resolve().parents[2] / "tools" / "eval_passkey.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tokenizer = CharTokenizer()
+    monkeypatch.setattr(tool.cli, "required_tokenizer", lambda args, why: tokenizer)
+
+    def oracle_loop(args, evaluate, max_token=None):
+        return {"oracle": evaluate(OracleBackend(tokenizer))}, {"oracle": {"kind": "oracle"}}
+
+    monkeypatch.setattr(tool.cli, "evaluate_checkpoints", oracle_loop)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    length = _bare(tokenizer, 10000) - 1 + 10
+    out = tmp_path / "passkey.json"
+    assert tool.main(["--hf-dir", str(tmp_path / "model"), "--lengths", f"{length},600", "--trials", "20",
+                      "--seed", "7", "--max-new-tokens", "10", "--no-plot", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    long_keys = sum(1 for t in make_trials([length], 20, seed=7) if t.key >= 10000)
+    assert report["skipped"]["by_length"] == {str(length): long_keys, "600": 0}
+    assert len(report["skipped"]["trials"]) == long_keys
+    assert report["results"]["oracle"]["skipped"] == {str(length): long_keys, "600": 0}
+    assert all(t["prompt_tokens"] + 10 <= t["length"] for t in report["results"]["oracle"]["trials"])
+    assert f"{long_keys} skipped" in capsys.readouterr().out

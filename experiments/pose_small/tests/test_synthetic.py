@@ -50,10 +50,10 @@ def test_documents_depend_only_on_seed_and_index():
 def test_token_budget_and_key_question_distances(tokenizer):
     tpw = synthetic.filler_tokens_per_word(tokenizer)
     assert 1.0 < tpw < 4.0
-    for window, spec in ((256, synthetic.pretraining_spec(256, tpw)),
-                         (2048, synthetic.extension_spec(2048, tpw))):
-        docs = list(synthetic.iter_retrieval_docs(spec, 30, seed=0))
-        distances = []
+    for window, spec in ((128, synthetic.pretraining_spec(128, tpw)), (256, synthetic.pretraining_spec(256, tpw)),
+                         (1024, synthetic.extension_spec(1024, 128, tpw))):
+        docs = list(synthetic.iter_retrieval_docs(spec, 40, seed=0))
+        distances, first_answer_ends = [], []
         for doc in docs:
             ids = tokenizer.tokenize(doc.text)
             # Planned in tokens through the filler density: the realised length is close.
@@ -61,19 +61,47 @@ def test_token_budget_and_key_question_distances(tokenizer):
             d = synthetic.key_question_distances(ids, doc.key, tokenizer)
             assert len(d) == len(doc.gap_words) and d == sorted(d) and d[0] > 0
             distances.append(d[0])
-        # First questions spread from short distances to most of the window.
-        assert min(distances) < window // 4
-        assert max(distances) > window // 2
+            first_answer_ends.append(synthetic.answer_spans(ids, doc.key, tokenizer)[0][1])
+        if spec.lead_with_task:  # pretraining: a sample's labels (the first window) hold the first
+            # answer, and the document is longer than a sample (shorter ones are not trained on)
+            assert sum(end <= window for end in first_answer_ends) >= 0.95 * len(docs)
+            assert all(len(tokenizer.tokenize(d.text)) + 2 > window + 1 for d in docs)  # + BOS, EOD
+            assert max(distances) > window // 3
+        else:  # extension: first questions from short distances to most of the target
+            assert min(distances) < window // 4 and max(distances) > window // 2
         assert max(distances) <= window + 64
 
 
-def test_extension_documents_keep_the_key_near_the_start(tokenizer):
-    spec = synthetic.extension_spec(2048, synthetic.filler_tokens_per_word(tokenizer))
+def test_extension_documents_open_with_the_key(tokenizer):
+    """A PoSE sample's first chunk (at most L_c / 2 tokens) must be able to hold the key line."""
+    spec = synthetic.extension_spec(1024, 128, synthetic.filler_tokens_per_word(tokenizer))
+    assert not spec.lead_with_task and spec.max_key_offset == 128 // 16
     for doc in synthetic.iter_retrieval_docs(spec, 20, seed=1):
+        assert passkey.TASK not in doc.text
         ids = tokenizer.tokenize(doc.text)
         key_ids = tokenizer.tokenize(passkey.key_line(doc.key))
         start = next(i for i in range(len(ids)) if ids[i:i + len(key_ids)] == key_ids)
-        assert start <= 41 + 2048 // 16 + 16  # task line + max offset + slack
+        assert start + len(key_ids) <= 128 // 2 - 16  # key line + offset well inside the first chunk
+
+
+def test_answer_spans_are_the_digits_after_each_question(tokenizer):
+    spec = synthetic.extension_spec(1024, 128, synthetic.filler_tokens_per_word(tokenizer))
+    for doc in synthetic.iter_retrieval_docs(spec, 10, seed=5):
+        ids = tokenizer.tokenize(doc.text)
+        mentions = synthetic.key_mentions(ids, doc.key, tokenizer)
+        answers = synthetic.answer_spans(ids, doc.key, tokenizer)
+        assert len(mentions) == 2 + len(doc.gap_words)  # twice in the key line, once per answer
+        assert answers == mentions[2:]
+        for a, b in answers:
+            assert tokenizer.detokenize(ids[a:b]).strip() == str(doc.key)
+            assert tokenizer.detokenize(ids[:a]).rstrip().endswith(passkey.QUESTION)
+        far = synthetic.far_answer_spans(ids, doc.key, tokenizer, 128)
+        assert set(far) <= set(answers)
+        for span in answers:  # far exactly when the previous mention ends >= 127 tokens before
+            previous = max(b for a, b in mentions if b <= span[0])
+            assert (span in far) == (span[0] - previous >= 127)
+    with pytest.raises(ValueError, match="not the key 4242"):
+        synthetic.key_mentions(tokenizer.tokenize("The pass key is 4243."), 4242, tokenizer)
 
 
 def test_write_jsonl_round_trips(tmp_path):
