@@ -21,17 +21,14 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Hugging Face export -> GGUF for llama.cpp (the converter, then the RoPE it drops).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    description = "Hugging Face export -> GGUF for llama.cpp (the converter, then the RoPE it drops)."
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--hf-dir", required=True, help="Hugging Face directory (config.json, weights, tokenizer)")
     parser.add_argument("--llama-cpp", required=True, help="llama.cpp checkout holding convert_hf_to_gguf.py")
     parser.add_argument("--outfile", required=True, help="GGUF file to write")
     parser.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
                         help="the converter's --outtype")
-    parser.add_argument("--converter-python", default=sys.executable,
-                        help="Python interpreter that runs the converter (needs its requirements)")
+    parser.add_argument("--converter-python", default=sys.executable, help="Python running the converter")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --outfile")
     parser.add_argument("--log-level", default="INFO", help="logging level")
     return parser.parse_args(argv)
