@@ -9,8 +9,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pose_megatron", "pose_megatron.*"]),
     install_requires=[
-        # megatron-core 0.16.1 is the newest release for Python 3.11 and ships prebuilt dataset helpers.
-        "megatron-core==0.16.1",
+        # The releases the whole suite ran against (README, "megatron-core releases"): 0.16.1 is the
+        # newest for Python 3.11 (CI); 0.17.1, 0.18.2 and 0.19.2 need Python 3.12. Others are excluded.
+        "megatron-core>=0.16.1,<=0.19.2,!=0.17.0,!=0.18.0,!=0.19.0",
         # Never a CPU-only pin: GPU users and NGC containers bring their own CUDA torch.
         "torch>=2.6",
         "numpy",

@@ -68,3 +68,13 @@ def test_image_stack_constraints_pin_the_installed_torch():
 def test_setup_never_pins_a_cpu_only_torch():
     setup = (REPO / "setup.py").read_text()
     assert '"torch>=2.6"' in setup and "torch==" not in setup
+
+
+def test_setup_py_admits_exactly_the_megatron_core_releases_the_suite_ran_against():
+    from pose_megatron._compat import CPU_TESTED_MEGATRON_CORE
+
+    (requirement,) = _setup_requirements("megatron-core")
+    released = ["0.15.3", "0.16.0", "0.16.1", "0.17.0", "0.17.1", "0.18.0", "0.18.2", "0.19.0", "0.19.2",
+                "0.20.0"]
+    admitted = [version for version in released if requirement.specifier.contains(version)]
+    assert admitted == list(CPU_TESTED_MEGATRON_CORE)
