@@ -65,6 +65,17 @@ def restore_adam_steps(optimizer, loaded: dict) -> None:
                                                    device=param_state["step"].device)
 
 
+def pair_param_groups_with_saved(optimizer, saved_schedule: dict) -> None:
+    """Give the param groups the checkpoint's learning-rate bounds before a load. megatron-core 0.19
+    pairs live and saved param groups by their (max_lr, min_lr, weight decay, multipliers) instead of
+    their order, so a resume that overrides `--lr` would find no saved group; `set_schedule_bounds`
+    applies the schedule the resume chose after the load."""
+    for group in optimizer.param_groups:
+        for key in ("max_lr", "min_lr"):
+            if group.get(key) is not None and key in saved_schedule:
+                group[key] = saved_schedule[key]
+
+
 def set_schedule_bounds(optimizer, scheduler) -> None:
     """Make the scheduler's max / min learning rate the ones every param group follows, and apply
     the learning rate of its current step. The scheduler holds the schedule the resume chose (the

@@ -32,6 +32,7 @@ from pose_megatron.checkpoint.megatron_args import megatron_args, sharded_sd_met
 from pose_megatron.checkpoint.megatron_io import load_model_weights, parallel_layout, save_sharded
 from pose_megatron.checkpoint.optimizer_state import (
     materialise_distributed_adam_state,
+    pair_param_groups_with_saved,
     set_schedule_bounds,
     restore_adam_steps,
 )
@@ -199,6 +200,7 @@ def load_training_checkpoint(load, model, optimizer, scheduler,
         state = dist_checkpointing.load(template, str(ckpt))
         model.load_state_dict(state["model"])
         if plan.load_optimizer:
+            pair_param_groups_with_saved(optimizer, saved.common.get("opt_param_scheduler") or {})
             optimizer.load_state_dict(state["optimizer"])
             restore_adam_steps(optimizer, state["optimizer"])
         else:
