@@ -168,6 +168,7 @@ def bench_preprocess(workdir: str, corpus_dir, max_bytes: int, repeats: int) -> 
                     tokenizer_model=corpus.tokenizer_model,
                     workers=workers,
                     progress=False,
+                    overwrite=True,  # every repeat rewrites the same prefix
                 )
             )
         assert stats.tokens == num_tokens
