@@ -35,6 +35,13 @@ def wait_for_steps(metrics, count, proc, timeout=180):
     pytest.fail(f"no {count} steps within {timeout} s")
 
 
+def _default_sigint():
+    """Children start with SIGINT at its default, as under a terminal: a job started in the background
+    of a non-interactive shell (nohup, some CI runners) inherits it ignored, and bash cannot trap a
+    signal that was ignored when it started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class LaunchScript:
     """examples/pretrain_pose_llama.sh on CPU with a tiny model, as the README's first command runs it."""
 
@@ -48,7 +55,7 @@ class LaunchScript:
         self.proc = subprocess.Popen(
             ["bash", str(REPO / "examples" / "pretrain_pose_llama.sh"), "--eval-iters", "0",
              "--metrics-file", str(self.metrics), *map(str, extra)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
         self.torchrun = None
 
     def group(self):
@@ -108,7 +115,8 @@ def test_ctrl_c_saves_and_exits_0(tmp_path):
     metrics = tmp_path / "m.jsonl"
     proc = subprocess.Popen(trainer_argv("--train-iters", "1000", "--save", tmp_path / "ck",
                                          "--metrics-file", metrics),
-                            env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     wait_for_steps(metrics, 2, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -132,6 +140,7 @@ def test_a_second_signal_aborts_at_once(monkeypatch):
 
     exits = []
     monkeypatch.setattr(loop.os, "_exit", exits.append)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     stop = loop._StopSignal()
     try:
         os.kill(os.getpid(), signal.SIGINT)
@@ -142,7 +151,7 @@ def test_a_second_signal_aborts_at_once(monkeypatch):
         assert exits == [128 + signal.SIGTERM]
     finally:
         stop.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_killed_rank_leaves_no_process_behind(tmp_path):
