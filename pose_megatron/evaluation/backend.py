@@ -70,11 +70,14 @@ class EvalBackend:
         self.device = torch.device("cpu")
 
     # ---- subclass surface ------------------------------------------------------------------
+    # Both hooks are optional: a backend implements the ones its tasks call (perplexity and far
+    # tokens score; passkey generates, through `_next_token` or its own `greedy_generate`).
     def _score(self, requests: Sequence[ScoreRequest]) -> List[Optional[torch.Tensor]]:
-        raise NotImplementedError
+        raise NotImplementedError(f"the {self.kind} backend cannot score windows: it implements no _score")
 
     def _next_token(self, ids: List[int]) -> int:
-        raise NotImplementedError
+        raise NotImplementedError(f"the {self.kind} backend cannot generate: it implements neither "
+                                  "_next_token nor greedy_generate")
 
     def describe(self) -> dict:
         return {"kind": self.kind, "source": self.source, "max_positions": self.max_positions}

@@ -54,3 +54,11 @@ def test_builtin_backends_register_under_their_names():
     import pose_megatron.evaluation.megatron_backend as megatron_backend
 
     assert BACKENDS["megatron"] is megatron_backend.open_megatron_backend
+
+
+def test_a_backend_without_a_hook_says_which_one_it_lacks():
+    backend = _Recorded("r", "memory")
+    with pytest.raises(NotImplementedError, match="recorded backend cannot generate"):
+        backend.greedy_generate([1, 2], 3)
+    with pytest.raises(NotImplementedError, match="recorded backend cannot score windows"):
+        backend._score([])
