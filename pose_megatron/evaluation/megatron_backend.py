@@ -108,7 +108,7 @@ class MegatronBackend(EvalBackend):
         self.dp_size = ps.get_data_parallel_world_size()
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.is_result_rank = self.is_last_stage and ps.get_tensor_model_parallel_rank() == 0
-        self.is_main = dist.get_rank() == 0
+        self.is_main = runtime.is_first_rank()
         self.pipeline_size = pp
         # Several windows per schedule call keep all pipeline stages busy at once.
         self.group_size = 1 if pp == 1 else 2 * pp
