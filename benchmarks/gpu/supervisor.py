@@ -56,7 +56,7 @@ def read_json(path: Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
-        return None  # absent, or (never with atomic writes, but cheaply) half-read
+        return None  # absent, or half-written by a writer that is not atomic: read it next poll
 
 
 def _kill(child: subprocess.Popen) -> None:
@@ -131,8 +131,9 @@ class Supervisor:
         pending = list(sections)
         while pending:
             name = pending[0]
-            if (out / f"{name}.json").exists():
-                self._finished(name, read_json(out / f"{name}.json")["status"])
+            record = read_json(out / f"{name}.json")
+            if record is not None:
+                self._finished(name, record["status"])
                 pending.pop(0)
                 if pending:
                     waiting_since, start_limit = time.time(), self.config.caps[pending[0]]
@@ -154,7 +155,7 @@ class Supervisor:
                     f"the child did not start {name} within {start_limit:g} s"),
                     "log_tail": _log_tail(log_path)})
                 return pending[1:]
-            if child.poll() is not None and not (out / f"{name}.json").exists():
+            if child.poll() is not None and read_json(out / f"{name}.json") is None:
                 if not running:  # it never got to a section: the next child would fare no better
                     for left in pending:
                         self._record(left, {"status": "failed", "log_tail": _log_tail(log_path),

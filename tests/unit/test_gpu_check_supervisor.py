@@ -27,8 +27,11 @@ CHILD = textwrap.dedent('''
         if action == "crash":
             sys.exit(3)
         time.sleep(float(action.split(":")[1]))
+        # Written in two steps, as a writer that is not atomic would: the supervisor may find
+        # the file empty or half-written and must read it again rather than fail.
         with open(os.path.join(args["--out"], name + ".json"), "w") as f:
-            json.dump({"section": name, "status": "ok", "pid": os.getpid()}, f)
+            text = json.dumps({"section": name, "status": "ok", "pid": os.getpid()})
+            f.write(text[:5]); f.flush(); time.sleep(0.05); f.write(text[5:])
         time.sleep(0.3)  # tidying up between sections (the real child frees GPU memory here)
 ''')
 
