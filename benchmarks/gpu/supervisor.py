@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Sequence
 from pose_megatron.files import atomic_write_text
 
 POLL_SECONDS = 0.02
+EXIT_GRACE_SECONDS = 30.0
+"""How long a child that has finished its sections may take to exit before it is killed."""
 
 
 @dataclass
@@ -166,5 +168,9 @@ class Supervisor:
                     f"the child exited with status {child.returncode} during {name}")})
                 return pending[1:]
             time.sleep(POLL_SECONDS)
-        child.wait()
+        try:
+            child.wait(timeout=EXIT_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+        _kill(child)  # and what it leaves behind: a multiprocessing helper outlives its os._exit
         return []
