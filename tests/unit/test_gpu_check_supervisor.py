@@ -1,5 +1,6 @@
 """The GPU check's supervisor (benchmarks/gpu/supervisor.py) with a stand-in child process that
-imports nothing heavy: caps, crashes, children that never start, the budget, and helpers a child leaves behind, in seconds."""
+imports nothing heavy: caps, crashes, children that never start, the budget, and helper processes
+a child leaves behind, in seconds."""
 
 import json
 import os
