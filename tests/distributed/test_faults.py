@@ -45,12 +45,13 @@ def _default_sigint():
 class LaunchScript:
     """examples/pretrain_pose_llama.sh on CPU with a tiny model, as the README's first command runs it."""
 
-    def __init__(self, tmp_path, train_iters, *extra, name="run", save="launch-ck"):
+    def __init__(self, tmp_path, train_iters, *extra, name="run", save="launch-ck", load=None):
         self.save = tmp_path / save
         self.metrics = tmp_path / f"{name}.jsonl"
         self.launch_id = f"test-{os.getpid()}-{time.time_ns()}"
         env = _env({**LAUNCH_ENV, "TRAIN_ITERS": str(train_iters), "SAVE": str(self.save),
-                    "PYTHON": sys.executable, "POSE_MEGATRON_LAUNCH_ID": self.launch_id})
+                    "PYTHON": sys.executable, "POSE_MEGATRON_LAUNCH_ID": self.launch_id,
+                    **({"LOAD": str(load)} if load else {})})
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
         self.proc = subprocess.Popen(
             ["bash", str(REPO / "examples" / "pretrain_pose_llama.sh"), "--eval-iters", "0",
@@ -100,13 +101,17 @@ def test_sigterm_to_the_launch_script_saves_exits_0_and_a_rerun_resumes(tmp_path
     steps = read_tracker(run.save)
     assert steps >= 2 and f"checkpoint: {run.save}" in out
     assert run.group_is_gone(), f"processes of group {group} outlived the script"
-    # The README's first command again: it resumes from SAVE (a finished run says so and exits 0).
+    # The README's first command again: it resumes from SAVE (a finished run says so and exits 0),
+    # even when LOAD still names the checkpoint the run started from (LOAD is then not used).
     # TRAIN_ITERS = the saved iteration makes it a finished run; that changes the schedule's length,
     # which a resume refuses unless told which schedule to keep.
     before = (run.save / f"iter_{steps:07d}").stat().st_mtime_ns
-    again = LaunchScript(tmp_path, steps, "--use-checkpoint-opt-param-scheduler", name="again")
+    base = tmp_path / "converted-base-model"  # not there: a LOAD the script must not pass on
+    again = LaunchScript(tmp_path, steps, "--use-checkpoint-opt-param-scheduler", name="again",
+                         load=base)
     code, out, err = again.finish()
     assert code == 0, err[-3000:]
+    assert f"{run.save} holds a checkpoint: resuming it (LOAD={base} is not used)" in out
     assert f"already at iteration {steps}" in out
     assert (run.save / f"iter_{steps:07d}").stat().st_mtime_ns == before  # not rewritten
 

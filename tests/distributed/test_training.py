@@ -40,8 +40,11 @@ def uninterrupted(tmp_path_factory) -> dict:
                          ids=["adam", "distributed-optimizer"])
 def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, uninterrupted, optimizer):
     resumed = tmp_path / "b.jsonl"
-    train(base() + optimizer + ["--train-iters", "6", "--exit-interval", "3", "--save",
-                                tmp_path / "ck", "--metrics-file", resumed])
+    # Submitted as a job chain (--load = --save, not there yet): the first job starts fresh and says so.
+    first = train(base() + optimizer + ["--train-iters", "6", "--exit-interval", "3", "--load",
+                                        tmp_path / "ck", "--save", tmp_path / "ck",
+                                        "--metrics-file", resumed])
+    assert f"no checkpoint under {tmp_path / 'ck'}; starting from scratch" in first.stdout + first.stderr
     assert read_tracker(tmp_path / "ck") == 3
     train(base() + optimizer + ["--train-iters", "6", "--load", tmp_path / "ck", "--save",
                                 tmp_path / "ck", "--metrics-file", resumed])
