@@ -15,6 +15,12 @@ from pose_megatron.rope import RopeScaling
 from tiny_models import ROPE_CASES, TINY, pose_llama
 
 
+def same_weights(a, b) -> bool:
+    """Every tensor of two models' state dicts equal (the extra states are not weights)."""
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())
+               if isinstance(x, torch.Tensor))
+
+
 def test_tracker_round_trip_and_bad_content(tmp_path):
     assert read_tracker(tmp_path) is None
     write_tracker(tmp_path, 100)
@@ -48,9 +54,7 @@ def test_weights_and_config_round_trip(megatron_env, tmp_path):
     other = pose_llama(TINY, scaling)
     assert not torch.equal(other.output_layer.weight, model.output_layer.weight)
     loaded = load_model_weights(tmp_path, other)
-    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
-        if isinstance(a, torch.Tensor):
-            assert torch.equal(a, b), name
+    assert same_weights(model, other)
     assert loaded == run
     assert load_run_config(ckpt).rope_scaling == scaling
 
@@ -81,6 +85,40 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_latest(megatron_env
     save_model_weights(tmp_path, 2, model, run)  # the next save clears the leftover
     assert read_tracker(tmp_path) == 2
     assert not (tmp_path / ".iter_0000002.incomplete").exists()
+
+
+def test_a_killed_save_over_the_same_iteration_keeps_the_old_copy(megatron_env, tmp_path,
+                                                                 monkeypatch):
+    """Saving iter_N again (a re-converted release, a rerun that saves at the same step) swaps the
+    old copy out only once the new one is complete: a kill midway leaves the old one in place."""
+    from pose_megatron.checkpoint import megatron_io
+
+    scaling = ROPE_CASES["linear"]
+    run = RunConfig(model=TINY, rope_scaling=scaling)
+    torch.manual_seed(1)
+    old = pose_llama(TINY, scaling)
+    save_model_weights(tmp_path, 1, old, run)
+    torch.manual_seed(2)
+    new = pose_llama(TINY, scaling)
+    real_save = megatron_io.dist_checkpointing.save
+
+    def dies_halfway(state, directory, **kwargs):
+        real_save(state, directory, **kwargs)  # every shard written, then killed before the swap
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(megatron_io.dist_checkpointing, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_model_weights(tmp_path, 1, new, run)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000001", "latest_checkpointed_iteration.txt"]  # no half copy, no copy set aside
+    loaded = pose_llama(TINY, scaling)
+    load_model_weights(tmp_path, loaded)
+    assert same_weights(old, loaded) and not same_weights(new, loaded)
+
+    monkeypatch.setattr(megatron_io.dist_checkpointing, "save", real_save)
+    save_model_weights(tmp_path, 1, new, run)  # completed, it replaces the old copy
+    load_model_weights(tmp_path, loaded)
+    assert same_weights(new, loaded)
 
 
 def test_declared_context_is_the_largest_of_target_scaled_window_and_base_model():
