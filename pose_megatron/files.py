@@ -10,6 +10,8 @@ from globbing readers, and never confused with another live writer's.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import glob
 import os
 import shutil
@@ -29,6 +31,26 @@ def temporary_sibling(path: PathLike, tag: str = "") -> Path:
     """A hidden, process-specific name next to `path` (same directory, so a rename is atomic)."""
     path = Path(path)
     return path.with_name(f".{path.name}{tag}.tmp-{os.getpid()}")
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange_paths(a: PathLike, b: PathLike) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE).
+
+    False, with nothing changed, where the C library or the file system cannot (older kernels and
+    glibc, some network file systems); the caller then falls back to two renames."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(a), os.fspath(b))
 
 
 def is_writable(path: PathLike) -> bool:
@@ -117,8 +139,10 @@ def atomic_directory(final: PathLike, *, replace: bool = False,
     Yields the (new, empty) temporary directory. A leftover temporary directory from an earlier,
     killed attempt is removed first. On an exception the temporary directory is removed and the
     exception propagates; `final` is untouched. With `replace`, an existing `final` is swapped out
-    only after the new one is complete (it is renamed aside, the new one renamed in, then the old
-    one deleted), so no moment exists without one complete copy on disk. `concurrent` is for
+    only after the new one is complete, in one atomic exchange where the file system allows
+    (`exchange_paths`), so `final` always names one complete copy; elsewhere the old copy is
+    renamed aside, the new one renamed in, then the old one deleted (for an instant `final` is
+    absent, the old copy still complete beside it). `concurrent` is for
     writers that may run side by side (e.g. caches built by several processes): each gets its own
     temporary name and none removes another's.
     """
@@ -141,7 +165,9 @@ def atomic_directory(final: PathLike, *, replace: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
         raise FileExistsError(f"{final} was created by another writer meanwhile")
     try:
-        if final.exists():
+        if final.exists() and exchange_paths(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old copy
+        elif final.exists():
             aside = temporary_sibling(final, f".old-{uuid.uuid4().hex[:8]}")
             os.replace(final, aside)
             os.replace(tmp, final)

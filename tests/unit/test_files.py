@@ -4,7 +4,14 @@ import os
 
 import pytest
 
-from pose_megatron.files import atomic_directory, atomic_file, atomic_write_text, incomplete_name
+from pose_megatron import files
+from pose_megatron.files import (
+    atomic_directory,
+    atomic_file,
+    atomic_write_text,
+    exchange_paths,
+    incomplete_name,
+)
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
@@ -51,6 +58,51 @@ def test_directory_appears_complete_and_replaces_only_when_asked(tmp_path):
     with atomic_directory(final, replace=True) as tmp:
         (tmp / "v").write_text("2")
     assert (final / "v").read_text() == "2" and os.listdir(tmp_path) == ["out"]
+
+
+def _final_never_absent(monkeypatch, final):
+    """Every rename atomic_directory makes is checked: `final` must exist after each."""
+    real = os.replace
+
+    def checked(src, dst):
+        real(src, dst)
+        assert final.exists(), f"{final} was absent after renaming {src} -> {dst}"
+
+    monkeypatch.setattr(files.os, "replace", checked)
+
+
+def test_a_replace_is_one_exchange_where_the_file_system_allows(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "v").write_text("a")
+    if not exchange_paths(a, b):
+        pytest.skip(f"the file system of {tmp_path} cannot exchange paths; "
+                    "test_a_replace_without_exchange_still_completes covers the fallback")
+    assert (b / "v").read_text() == "a" and not (a / "v").exists()
+    final = tmp_path / "out"
+    with atomic_directory(final) as tmp:
+        (tmp / "v").write_text("1")
+    _final_never_absent(monkeypatch, final)
+    with atomic_directory(final, replace=True) as tmp:
+        (tmp / "v").write_text("2")
+    assert (final / "v").read_text() == "2"
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "out"]  # the old copy is gone
+
+
+def test_a_replace_without_exchange_still_completes(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "exchange_paths", lambda a, b: False)
+    final = tmp_path / "out"
+    with atomic_directory(final) as tmp:
+        (tmp / "v").write_text("1")
+    with atomic_directory(final, replace=True) as tmp:
+        (tmp / "v").write_text("2")
+    assert (final / "v").read_text() == "2" and os.listdir(tmp_path) == ["out"]
+
+
+def test_exchange_of_a_missing_path_is_an_error(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(FileNotFoundError):
+        exchange_paths(tmp_path / "a", tmp_path / "missing")
 
 
 def test_leftover_of_a_killed_build_is_removed(tmp_path):
