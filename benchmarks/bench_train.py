@@ -9,7 +9,7 @@ memory is its own), alternated over rounds so machine noise hits all alike:
 Prints PoSE/plain step time (goal <= 1.05), and PoSE/full step time and peak memory. Step time is
 the process's CPU time per step on one thread, which other load on a shared machine inflates little.
 
-    python benchmarks/bench_train.py [--steps 6] [--rounds 2]
+    python benchmarks/bench_train.py [--steps 6] [--rounds 2] [--window 512 --target 4096]
 """
 
 import argparse
@@ -19,14 +19,19 @@ import subprocess
 import sys
 import time
 
-RUNS = {
-    "pose": dict(seq=512, target=4096, content="skip"),
-    "plain": dict(seq=512, target=512, content="contiguous"),
-    "full": dict(seq=4096, target=4096, content="contiguous"),
-}
+RUN_NAMES = ("pose", "plain", "full")
 
 
-def measure(name: str, steps: int) -> dict:
+def runs(window: int, target: int) -> dict:
+    """The three runs' sequence length, position range and content, for a window and a target."""
+    return {
+        "pose": dict(seq=window, target=target, content="skip"),
+        "plain": dict(seq=window, target=window, content="contiguous"),
+        "full": dict(seq=target, target=target, content="contiguous"),
+    }
+
+
+def measure(name: str, steps: int, window: int, target: int) -> dict:
     from pose_megatron import runtime
     from pose_megatron._compat import enable_cpu_fallbacks
     from pose_megatron.corpus import ensure_sample_corpus
@@ -44,7 +49,7 @@ def measure(name: str, steps: int) -> dict:
     import torch
 
     torch.set_num_threads(1)  # one thread: CPU time then counts work, not contended spin-waits
-    run = RUNS[name]
+    run = runs(window, target)[name]
     corpus = ensure_sample_corpus()
     enable_cpu_fallbacks()
     runtime.initialize_distributed()
@@ -52,7 +57,7 @@ def measure(name: str, steps: int) -> dict:
     runtime.set_seed(0)
     tokenizer = build_tokenizer(corpus.tokenizer_type, corpus.tokenizer_model)
     model_cfg = get_preset("small", vocab_size=tokenizer.vocab_size)
-    rope = RopeScaling("yarn-revised", factor=8.0, original_max_position_embeddings=512)
+    rope = RopeScaling("yarn-revised", factor=target / window, original_max_position_embeddings=window)
     training = TrainingConfig(train_iters=steps + 2, lr=1e-4, lr_warmup_iters=1, precision="fp32")
     model, optimizer, scheduler = setup_model_and_optimizer(model_cfg, rope, training, run["seq"], 1, 1,
                                                             global_batch_size=1)
@@ -78,29 +83,33 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--run", choices=sorted(RUNS), help=argparse.SUPPRESS)
+    parser.add_argument("--window", type=int, default=512, help="the training window L_c")
+    parser.add_argument("--target", type=int, default=4096, help="PoSE's target length L_t")
+    parser.add_argument("--run", choices=RUN_NAMES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
-        print(json.dumps(measure(args.run, args.steps)))
+        print(json.dumps(measure(args.run, args.steps, args.window, args.target)))
         return
-    results = {name: [] for name in RUNS}
+    results = {name: [] for name in RUN_NAMES}
     for _ in range(args.rounds):
-        for name in RUNS:
-            out = subprocess.run([sys.executable, __file__, "--run", name, "--steps", str(args.steps)],
+        for name in RUN_NAMES:
+            out = subprocess.run([sys.executable, __file__, "--run", name, "--steps", str(args.steps),
+                                  "--window", str(args.window), "--target", str(args.target)],
                                  capture_output=True, text=True, check=True)
             results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     step = {n: statistics.median(r["step_time"] for r in rs) for n, rs in results.items()}
     peak = {n: statistics.median(r["peak"] for r in rs) for n, rs in results.items()}
     growth = {n: statistics.median(r["peak_growth"] for r in rs) for n, rs in results.items()}
     print(f"step CPU time (median over {args.rounds} rounds x {args.steps} steps, one sample per step):")
-    for name, run in RUNS.items():
+    for name, run in runs(args.window, args.target).items():
         print(f"  {name:5s} seq {run['seq']:5d} target {run['target']:5d}: {step[name] * 1e3:8.1f} ms"
               f"   peak RSS {peak[name] / 2**20:8.1f} MiB")
-    print(f"  ratio PoSE / plain 512 step time = {step['pose'] / step['plain']:.3f}   (goal <= 1.05)")
-    print(f"  ratio PoSE / full-length 4096 step time = {step['pose'] / step['full']:.3f}")
-    print(f"  ratio PoSE / full-length 4096 peak memory = {peak['pose'] / peak['full']:.3f} "
+    plain, full = f"plain {args.window}", f"full-length {args.target}"
+    print(f"  ratio PoSE / {plain} step time = {step['pose'] / step['plain']:.3f}   (goal <= 1.05)")
+    print(f"  ratio PoSE / {full} step time = {step['pose'] / step['full']:.3f}")
+    print(f"  ratio PoSE / {full} peak memory = {peak['pose'] / peak['full']:.3f} "
           "(whole-process peak RSS, weights and optimizer included)")
-    print(f"  ratio PoSE / full-length 4096 step memory = {growth['pose'] / growth['full']:.3f} "
+    print(f"  ratio PoSE / {full} step memory = {growth['pose'] / growth['full']:.3f} "
           "(peak RSS growth during the measured steps: activations and temporaries)")
 
 
