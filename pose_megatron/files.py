@@ -142,9 +142,9 @@ def atomic_directory(final: PathLike, *, replace: bool = False,
     only after the new one is complete, in one atomic exchange where the file system allows
     (`exchange_paths`), so `final` always names one complete copy; elsewhere the old copy is
     renamed aside, the new one renamed in, then the old one deleted (for an instant `final` is
-    absent, the old copy still complete beside it). `concurrent` is for
-    writers that may run side by side (e.g. caches built by several processes): each gets its own
-    temporary name and none removes another's.
+    absent, the old copy still complete beside it). `concurrent` is for writers that may run side
+    by side (e.g. caches built by several processes): each gets its own temporary name and none
+    removes another's.
     """
     final = Path(final)
     if final.exists() and not replace:
