@@ -34,11 +34,22 @@ def uninterrupted(tmp_path_factory) -> dict:
     return {"metrics": read_metrics(root / "m.jsonl"), "checkpoint": root / "ck"}
 
 
-# On one process the distributed optimizer's steps equal the plain optimizer's bitwise, so the one
-# uninterrupted run is the reference for both.
 @pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer"]],
                          ids=["adam", "distributed-optimizer"])
 def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, uninterrupted, optimizer):
+    reference = uninterrupted["metrics"]
+    if optimizer:
+        # Held to an uninterrupted run of its own: megatron-core's CPU grad norm is the fp32 norm of
+        # the per-parameter norms in the optimizer's order, and the distributed optimizer lists its
+        # shards in another order than the plain one, so the two can differ in the last bit (and
+        # then clip differently) on some data. They must still take the same steps.
+        straight = tmp_path / "a.jsonl"
+        train(base() + optimizer + ["--train-iters", "6", "--metrics-file", straight])
+        reference = read_metrics(straight)
+        for it in range(1, 7):
+            for key in ("loss", "grad_norm"):
+                assert reference[it][key] == pytest.approx(uninterrupted["metrics"][it][key],
+                                                           rel=1e-5), (it, key)
     resumed = tmp_path / "b.jsonl"
     # Submitted as a job chain (--load = --save, not there yet): the first job starts fresh and says so.
     first = train(base() + optimizer + ["--train-iters", "6", "--exit-interval", "3", "--load",
@@ -48,7 +59,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, uninterrupted
     assert read_tracker(tmp_path / "ck") == 3
     train(base() + optimizer + ["--train-iters", "6", "--load", tmp_path / "ck", "--save",
                                 tmp_path / "ck", "--metrics-file", resumed])
-    a, b = uninterrupted["metrics"], read_metrics(resumed)
+    a, b = reference, read_metrics(resumed)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     for it in (4, 5, 6):
         assert (a[it]["loss"], a[it]["grad_norm"], a[it]["lr"]) == \
