@@ -28,6 +28,13 @@ ROPE_CASES = {
                           low_freq_factor=1.0, high_freq_factor=4.0),
 }
 
+# Every RoPE an export must carry: one per type, plus the YaRN settings only some readers honour.
+EXPORT_ROPE_CASES = {
+    **ROPE_CASES,
+    "yarn-betas": RopeScaling("yarn", 8.0, 64, beta_fast=8.0, beta_slow=2.0),
+    "yarn-attention-factor": RopeScaling("yarn", 8.0, 64, attention_factor=1.5),
+}
+
 
 def hf_llama(cfg: ModelConfig, scaling: RopeScaling, seed: int = 0):
     """A random transformers LlamaForCausalLM (fp32, eager attention) with our RoPE as stock params."""

@@ -21,7 +21,7 @@ from pose_megatron.checkpoint.hf_rope import POSE_CONFIG_KEY, rope_to_hf_paramet
 from pose_megatron.checkpoint.megatron_io import load_model_weights
 from pose_megatron.presets import MODEL_PRESETS
 from pose_megatron.rope import RopeScaling, compute_inv_freq
-from tiny_models import ROPE_CASES, TINY, hf_llama, pose_llama, pose_positions
+from tiny_models import EXPORT_ROPE_CASES, ROPE_CASES, TINY, hf_llama, pose_llama, pose_positions
 
 LLAMA_7B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -112,11 +112,7 @@ def test_yarn_without_its_original_length_is_refused_naming_both_readings(key, l
         model_info_from_hf_config(llama3)
 
 
-EXPORT_CASES = {
-    **ROPE_CASES,
-    "yarn-betas": RopeScaling("yarn", 8.0, 64, beta_fast=8.0, beta_slow=2.0),
-    "yarn-attention-factor": RopeScaling("yarn", 8.0, 64, attention_factor=1.5),
-}
+EXPORT_CASES = EXPORT_ROPE_CASES
 
 
 @pytest.mark.parametrize("rope_type", sorted(EXPORT_CASES))

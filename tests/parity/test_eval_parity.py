@@ -8,7 +8,6 @@ over the same windows.
 """
 
 import dataclasses
-import importlib.util
 import io
 import json
 import math
@@ -28,6 +27,7 @@ from pose_megatron.evaluation import (
     evaluate_perplexity,
     open_backend,
 )
+from tool_modules import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = dataclasses.replace(TINY, vocab_size=250)
@@ -35,13 +35,6 @@ SCALING = ROPE_CASES["yarn-revised"]  # factor 8 over the tiny model's 64 positi
 TARGET = 512
 BOS = 1
 DOC_LENGTHS = (300, 130, 520)
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Far-token scoring (pose_megatron.evaluation.far_tokens) and its tool's input checks, without a model."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,15 +10,9 @@ import torch
 
 from pose_megatron.evaluation.backend import EvalBackend
 from pose_megatron.evaluation.far_tokens import evaluate_far_tokens, full_window, short_windows
+from tool_modules import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_short_windows_score_the_range_once_with_bounded_context():

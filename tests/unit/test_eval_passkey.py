@@ -269,14 +269,11 @@ def test_a_prompt_short_by_more_than_a_sentence_is_skipped_and_a_length_with_no_
 def test_the_tool_reports_skips_in_its_json_and_table(tmp_path, monkeypatch, capsys):
     """tools/eval_passkey.py: prompts leave room for --max-new-tokens; skipped trials are counted
     per length in the JSON and the printed table (the model is the oracle, the tokenizer chars)."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(
-        "eval_passkey", Path(__file__).resolve().parents[2] / "tools" / "eval_passkey.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from tool_modules import load_tool
+
+    tool = load_tool("eval_passkey")
     tokenizer = CharTokenizer()
     monkeypatch.setattr(tool.cli, "required_tokenizer", lambda args, why: tokenizer)
 

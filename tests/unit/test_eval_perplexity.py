@@ -1,6 +1,5 @@
 """Perplexity driver, evaluation documents, bad input and reports, on a model-free backend."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -16,16 +15,10 @@ from pose_megatron.evaluation.perplexity import (
     evaluate_perplexity,
 )
 from pose_megatron.evaluation.report import perplexity_table, plot_perplexity
+from tool_modules import load_tool
 
 BOS, EOD = 1, 2
 REPO = Path(__file__).resolve().parents[2]
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def token_nll(tokens: np.ndarray) -> np.ndarray:

@@ -24,16 +24,12 @@ from pose_megatron.checkpoint.gguf_export import export_gguf, plan_gguf_export, 
 from pose_megatron.checkpoint.gguf_rope import gguf_rope_for, plan_gguf_rope
 from pose_megatron.checkpoint.hf_arch import hf_config_for_export, model_info_from_hf_config
 from pose_megatron.rope import RopeScaling, compute_inv_freq, yarn_revised_ext_factors
-from tiny_models import ROPE_CASES, TINY
+from tiny_models import EXPORT_ROPE_CASES, TINY
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
 HEAD = TINY.head_dim
 ROPE = gguf.Keys.Rope
-CASES = {
-    **ROPE_CASES,
-    "yarn-betas": RopeScaling("yarn", 8.0, 64, beta_fast=8.0, beta_slow=2.0),
-    "yarn-attention-factor": RopeScaling("yarn", 8.0, 64, attention_factor=1.5),
-}
+CASES = EXPORT_ROPE_CASES
 
 
 def key(name, arch=ARCH):

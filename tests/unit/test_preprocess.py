@@ -1,7 +1,6 @@
 """Preprocessing JSONL to .bin/.idx, the tokenizer wrappers, and the sample corpus builder."""
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from pose_megatron import preprocess as preprocess_module
 from pose_megatron.corpus import SampleCorpusSettings, ensure_sample_corpus, is_heldout
 from pose_megatron.preprocess import MalformedLineError, PreprocessConfig, preprocess_jsonl
 from pose_megatron.tokenizer import build_tokenizer
+from tool_modules import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = [Path(m.__file__).read_text(encoding="utf-8") for m in (textwrap, shlex, string)]
@@ -285,13 +285,6 @@ def test_bad_input_fails_before_any_work(tmp_path, sp_model, change, error, mess
     with pytest.raises(error, match=message):
         preprocess_jsonl(settings)
     assert not (tmp_path / "out").exists()
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_preprocess_cli(tmp_path, sp_model, capsys):

@@ -20,12 +20,10 @@ from pose_megatron.checkpoint.families import FAMILIES
 from pose_megatron.checkpoint.hf_arch import hf_config_for_export
 from pose_megatron.presets import MODEL_PRESETS
 from pose_megatron.rope import RopeScaling, compute_inv_freq
-from tiny_models import ROPE_CASES, TINY
+from tiny_models import EXPORT_ROPE_CASES, TINY
 
 CASES = {  # name: (model, RopeScaling, declared max_position_embeddings)
-    **{kind: (TINY, scaling, 512) for kind, scaling in ROPE_CASES.items()},
-    "yarn-betas": (TINY, RopeScaling("yarn", 8.0, 64, beta_fast=8.0, beta_slow=2.0), 512),
-    "yarn-attention-factor": (TINY, RopeScaling("yarn", 8.0, 64, attention_factor=1.5), 512),
+    **{kind: (TINY, scaling, 512) for kind, scaling in EXPORT_ROPE_CASES.items()},
     "llama-7b-linear-16k": (MODEL_PRESETS["llama-7b"], RopeScaling("linear", 8.0), 16384),
     "llama-7b-yarn-revised-128k": (MODEL_PRESETS["llama-7b"], RopeScaling("yarn-revised", 64.0, 2048), 131072),
     "llama3-8b-llama3-128k": (MODEL_PRESETS["llama3-8b"], RopeScaling("llama3", 8.0, 8192), 131072),
