@@ -84,19 +84,20 @@ def build_summary(s: Settings, cache, runs: List[Run], results: Dict[str, list])
     for run in runs:
         checkpoints[run.label] = {**_checkpoint_numbers(run.label, results),
                                   "cost": _cost(state[f"extend/{run.label}"]), "run": dataclasses.asdict(run)}
+    settings = dataclasses.asdict(s)
     rows: Dict[str, dict] = OrderedDict()
     for setting in ("main", "fair"):
-        for method in ["base"] + list(LABELS):
+        for method in LABELS:  # "base" first
             labels = ["base"] if method == "base" else [r.label for r in runs if r.method == method and r.setting == setting]
             if not labels or (method == "base" and setting != "main"):
                 continue
             key = method if setting == "main" else f"{method}.{setting}"
             rows[key] = {"method": method, "setting": setting, "labels": labels,
                          **_aggregate([checkpoints[label] for label in labels])}
-            rows[key]["flatness"] = flatness(rows[key], dataclasses.asdict(s))
+            rows[key]["flatness"] = flatness(rows[key], settings)
     pretrain = [state[k] for k in state if k.startswith("pretrain/")]
     summary = {
-        "settings": dataclasses.asdict(s),
+        "settings": settings,
         "checkpoints": checkpoints,
         "rows": rows,
         "pretrain": {"validation": [v for part in pretrain for v in part["validation"]],

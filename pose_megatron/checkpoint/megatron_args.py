@@ -77,11 +77,8 @@ def stock_rope(rope: RopeScaling) -> StockRope:
                             f"{rope.factor:g}")
 
 
-def stock_rope_warning(rope: RopeScaling) -> Optional[str]:
-    """The warning a save logs when stock Megatron-LM would not train this RoPE (None if it would)."""
-    reading = stock_rope(rope)
-    if reading.trains_with is None:
-        return None
+def stock_rope_warning(rope: RopeScaling, reading: StockRope) -> str:
+    """The warning a save logs when stock Megatron-LM would train `rope` otherwise (`reading`)."""
     return (f"stock Megatron-LM (core_v0.16.1) would continue this {rope.rope_type} x{rope.factor:g} "
             f"checkpoint with {reading.trains_with}; its args record "
             + (" ".join(reading.flags) if reading.flags else "plain RoPE")
@@ -101,12 +98,12 @@ def sharded_sd_metadata(use_distributed_optimizer: bool) -> dict:
 def log_stock_rope(run_config: RunConfig, ckpt_dir) -> None:
     """Say, when saving, how stock Megatron-LM would continue this checkpoint's RoPE."""
     rope = run_config.rope_scaling
-    warning = stock_rope_warning(rope)
-    if warning:
-        logger.warning("%s: %s", ckpt_dir, warning)
-    elif stock_rope(rope).flags:
+    reading = stock_rope(rope)
+    if reading.trains_with is not None:
+        logger.warning("%s: %s", ckpt_dir, stock_rope_warning(rope, reading))
+    elif reading.flags:
         logger.info("%s: continue it in stock Megatron-LM with %s (--use-checkpoint-args does not "
-                    "copy them)", ckpt_dir, " ".join(stock_rope(rope).flags))
+                    "copy them)", ckpt_dir, " ".join(reading.flags))
 
 
 def _integral(value: float):

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from pose_megatron.checkpoint.megatron_args import DISTRIBUTED_OPTIMIZER_FORMAT
-from pose_megatron.checkpoint.saved_state import SCHEDULE_KEYS, SavedState
-
-_STEP_KEYS = ("lr_warmup_steps", "lr_decay_steps", "wd_incr_steps")
+from pose_megatron.checkpoint.saved_state import SCHEDULE_KEYS, SCHEDULE_STEP_KEYS, SavedState
 
 
 @dataclass
@@ -75,7 +73,7 @@ def schedule_differences(saved: dict, expected: dict, saved_batch: Optional[int]
     differences = []
     for key in SCHEDULE_KEYS:
         if key in saved and saved[key] != expected[key]:
-            if key in _STEP_KEYS:
+            if key in SCHEDULE_STEP_KEYS:
                 shown = _steps(saved[key], saved_batch), _steps(expected[key], run_batch)
             else:
                 shown = repr(saved[key]), repr(expected[key])

@@ -35,7 +35,9 @@ COMMON_FILE = "common.pt"
 SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",
                  "start_wd", "end_wd", "wd_incr_steps", "wd_incr_style")
 """The schedule fields megatron-core's OptimizerParamScheduler checks against the run on load."""
-_STEP_KEYS = ("lr_warmup_steps", "lr_decay_steps", "wd_incr_steps", "num_steps")
+SCHEDULE_STEP_KEYS = ("lr_warmup_steps", "lr_decay_steps", "wd_incr_steps")
+"""The schedule fields counted in steps (samples in Megatron-LM's format, iterations in ours)."""
+_STEP_KEYS = SCHEDULE_STEP_KEYS + ("num_steps",)
 
 WRITTEN_BY_POSE = "pose_megatron"
 WRITTEN_BY_EARLIER_POSE = "pose_megatron (earlier format)"

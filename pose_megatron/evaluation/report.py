@@ -78,11 +78,10 @@ def passkey_table(summaries: Mapping[str, Mapping[int, dict]], lengths: Sequence
         row = [label]
         for length in lengths:
             cell = by_length.get(length)
-            text = "-" if not cell else f"{100 * cell['accuracy']:.0f}% ({cell['correct']}/{cell['trials']}"
-            if cell:
-                missed = (skipped or {}).get(length, 0)
-                text += f", {missed} skipped)" if missed else ")"
-            row.append(text)
+            missed = (skipped or {}).get(length, 0)
+            note = f", {missed} skipped" if missed else ""
+            row.append("-" if not cell else
+                       f"{100 * cell['accuracy']:.0f}% ({cell['correct']}/{cell['trials']}{note})")
         rows.append(row)
     return format_table(["checkpoint"] + [str(n) for n in lengths], rows)
 
