@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     from test_vllm_rules import CASES, PROBES, declared_default_max_model_len, export_config, probe_config
     from vllm_rules import VLLM_VERSION, VllmRefuses, vllm_rope
 
+    from pose_megatron.files import atomic_write_text
     from pose_megatron.rope import compute_inv_freq
 
     work = Path(tempfile.mkdtemp(prefix="check_vllm_"))
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
                     f"({got['cache_rows']} rows) | {scale:.6f} / {factor:.6f} | {vs_ours:.1e} | "
                     f"{', '.join(got['rope_parameters'])} | "
                     f"{'agrees' if agree else 'DIFFERS'}{'' if trained_ok else ', NOT THE TRAINED ROPE'} |")
-    Path(args.output).write_text(markdown(rows, version, VLLM_VERSION, failures))
+    atomic_write_text(args.output, markdown(rows, version, VLLM_VERSION, failures))
     print("\n".join(rows))
     print(f"{failures} failure(s); wrote {args.output}")
     return 1 if failures else 0

@@ -45,6 +45,7 @@ from pose_megatron.checkpoint.gguf_rope import GGUFRope, gguf_rope_for  # noqa: 
 from pose_megatron.checkpoint.hf_arch import model_info_from_hf_config, read_hf_config  # noqa: E402
 from pose_megatron.checkpoint.hf_export import convert_megatron_to_hf  # noqa: E402
 from pose_megatron.checkpoint.hf_import import convert_hf_to_megatron  # noqa: E402
+from pose_megatron.files import atomic_write_text  # noqa: E402
 from pose_megatron.rope import RopeScaling  # noqa: E402
 from tiny_gguf_models import FACTOR, WINDOW, build_model_dir, reference_model  # noqa: E402
 
@@ -265,14 +266,14 @@ def main(argv=None) -> int:
         record["llama_cpp_python"] = version
         if family == "llama" and scaling.rope_type == "yarn-revised":
             cli_note = record["cli_note"] = check_cli_matches(args, case_dir, ggufs["gguf step"])
-        saved.write_text(json.dumps(record, indent=1))
+        atomic_write_text(saved, json.dumps(record, indent=1))  # --reuse reads it back
         records.append(record)
         print(f"{family} {name}: {verdict(record)} "
               + json.dumps({k: round(v["max"], 7) for k, v in record["results"].items()}), flush=True)
         # after every case, so that a run stopped early still documents what it measured
-        Path(args.output).write_text(markdown(records, version, args, cli_note, len(selected)))
-    (work / "results.json").write_text(json.dumps(records, indent=1))
-    Path(args.output).write_text(markdown(records, version, args, cli_note, len(selected)))
+        atomic_write_text(args.output, markdown(records, version, args, cli_note, len(selected)))
+    atomic_write_text(work / "results.json", json.dumps(records, indent=1))
+    atomic_write_text(args.output, markdown(records, version, args, cli_note, len(selected)))
     print(f"wrote {args.output} (details: {work / 'results.json'})")
     bad = [r for r in records if verdict(r) not in ("pass", RIGHTLY_REFUSED)]
     return 1 if bad else 0

@@ -114,7 +114,7 @@ def test_the_longest_prompt_that_fits_is_chosen():
     builder = PasskeyPromptBuilder(tokenizer, answer_tokens=7)
     for length in (300, 517, 2000):
         prompt = builder.build(length, 0.5, 4242)
-        before, after = round(0.5 * (prompt.filler_words + 1)), None
+        before = round(0.5 * (prompt.filler_words + 1))
         after = prompt.filler_words + 1 - before
         one_more = 1 + len(tokenizer.tokenize(prompt_text(4242, before, after)))
         assert prompt.num_tokens + 7 <= length < one_more + 7, length
