@@ -106,6 +106,7 @@ class PasskeyPromptBuilder:
         self.sentence_tokens = max(len(tokenizer.tokenize(s)) for s in FILLER_SENTENCES)
         """How many tokens short of its budget a prompt may be: one filler sentence."""
         self._hint: Dict[int, int] = {}  # length -> filler words that fitted last time
+        self._task_tokens = len(self._tokens(TASK + "\n"))  # where the filler starts
 
     def _tokens(self, text: str) -> List[int]:
         return self._head + list(self.tokenizer.tokenize(text))
@@ -125,12 +126,12 @@ class PasskeyPromptBuilder:
             raise ValueError(f"depth must be in [0, 1], got {depth}")
         budget = self.budget(length)
 
-        sizes: Dict[int, int] = {}  # filler words -> tokens of BOS + prompt
+        built: Dict[int, List[int]] = {}  # filler words -> BOS + prompt token ids
 
         def size(words: int) -> int:
-            if words not in sizes:
-                sizes[words] = len(self._tokens(prompt_text(key, *self._split(words, depth))))
-            return sizes[words]
+            if words not in built:
+                built[words] = self._tokens(prompt_text(key, *self._split(words, depth)))
+            return len(built[words])
 
         bare = size(0)
         if bare > budget:
@@ -143,13 +144,13 @@ class PasskeyPromptBuilder:
             if 0 <= miss < self.sentence_tokens:
                 break
             step = round(miss / self.tokens_per_word) or (1 if miss > 0 else -1)
-            if max(0, words + step) in sizes:
+            if max(0, words + step) in built:
                 break  # cycling between two counts: settle below
             words = max(0, words + step)
-        # Settle on the most words that fit: down while over budget, then up while one more fits
-        # (a word is a few tokens, so both walks are short).
-        words = max((w for w, n in sizes.items() if n <= budget), default=0)
-        ceiling = max(sizes) + 64
+        # Settle on the most words that fit: the largest count tried that fits, then up while one
+        # more fits (a word is a few tokens, so the walk is short).
+        words = max((w for w, ids in built.items() if len(ids) <= budget), default=0)
+        ceiling = max(built) + 64
         while words < ceiling and size(words + 1) <= budget:
             words += 1
         if size(words) < budget - self.sentence_tokens:
@@ -158,14 +159,14 @@ class PasskeyPromptBuilder:
                 f"{self.sentence_tokens} tokens below {budget} (closest {size(words)})")
         self._hint[length] = words
         before, _ = self._split(words, depth)
-        start = len(self._tokens(TASK + "\n"))
+        start = self._task_tokens
         key_index = len(self._tokens(TASK + "\n" + filler(before) + "\n"))
         filler_tokens = max(1, size(words) - bare)
         return PasskeyPrompt(
             length=length,
             depth=depth,
             key=key,
-            token_ids=np.asarray(self._tokens(prompt_text(key, *self._split(words, depth))), dtype=np.int64),
+            token_ids=np.asarray(built[words], dtype=np.int64),
             filler_words=words,
             key_token_index=key_index,
             realized_depth=min(1.0, max(0.0, (key_index - start) / filler_tokens)),
