@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -188,19 +188,24 @@ def write_retrieval_jsonl(path: str, spec: RetrievalDocSpec, num_docs: int, seed
     return count
 
 
+def _occurrences(ids: List[int], pattern: List[int]) -> List[int]:
+    """Start indices of every occurrence of `pattern` in `ids`."""
+    n = len(pattern)
+    return [i for i in range(len(ids) - n + 1) if ids[i:i + n] == pattern]
+
+
 def key_question_distances(token_ids, key: int, tokenizer) -> List[int]:
     """Token distances from the key line's start to each question's answer, for checking a
     tokenized document (tests and diagnostics)."""
     ids = list(token_ids)
     key_ids = tokenizer.tokenize(key_line(key))
     question_ids = tokenizer.tokenize(QUESTION)
-    n_k, n_q = len(key_ids), len(question_ids)
-    starts = [i for i in range(len(ids) - n_k + 1) if ids[i:i + n_k] == key_ids]
+    starts = _occurrences(ids, key_ids)
     if not starts:
         return []
     start = starts[0]
-    return [i + n_q - start for i in range(start + n_k, len(ids) - n_q + 1)
-            if ids[i:i + n_q] == question_ids]
+    return [i + len(question_ids) - start for i in _occurrences(ids, question_ids)
+            if i >= start + len(key_ids)]
 
 
 def key_mentions(token_ids, key: int, tokenizer) -> List[Tuple[int, int]]:
@@ -221,22 +226,24 @@ def key_mentions(token_ids, key: int, tokenizer) -> List[Tuple[int, int]]:
     return runs
 
 
-def answer_spans(token_ids, key: int, tokenizer) -> List[Tuple[int, int]]:
-    """Token spans of the answers' digits: the key mentions that follow a question (after at most
-    a separating space token)."""
+def answer_spans(token_ids, key: int, tokenizer,
+                 mentions: Optional[List[Tuple[int, int]]] = None) -> List[Tuple[int, int]]:
+    """Token spans of the answers' digits: the key mentions (`key_mentions`, unless given) that
+    follow a question (after at most a separating space token)."""
     ids = [int(t) for t in token_ids]
-    question = tokenizer.tokenize(QUESTION)
-    ends = {i + len(question) for i in range(len(ids) - len(question) + 1)
-            if ids[i:i + len(question)] == question}
-    return [(a, b) for a, b in key_mentions(ids, key, tokenizer) if a in ends or a - 1 in ends]
+    question = list(tokenizer.tokenize(QUESTION))
+    ends = {i + len(question) for i in _occurrences(ids, question)}
+    mentions = key_mentions(ids, key, tokenizer) if mentions is None else mentions
+    return [(a, b) for a, b in mentions if a in ends or a - 1 in ends]
 
 
 def far_answer_spans(token_ids, key: int, tokenizer, window: int) -> List[Tuple[int, int]]:
     """The answers whose previous key mention (the key line or an earlier answer) ends at least
     window - 1 tokens before them: no `window`-token context ending at the answer can copy it."""
-    answers = set(answer_spans(token_ids, key, tokenizer))
+    mentions = key_mentions(token_ids, key, tokenizer)
+    answers = set(answer_spans(token_ids, key, tokenizer, mentions))
     far, previous_end = [], None
-    for span in key_mentions(token_ids, key, tokenizer):
+    for span in mentions:
         if span in answers and previous_end is not None and span[0] - previous_end >= window - 1:
             far.append(span)
         previous_end = span[1]
