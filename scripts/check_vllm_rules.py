@@ -85,6 +85,13 @@ def main(argv=None) -> int:
     from pose_megatron.files import atomic_write_text
     from pose_megatron.rope import compute_inv_freq
 
+    def encoded_or_refusal(config, user):
+        """The encoding's answer, or its refusal (a refusal is a result to compare too)."""
+        try:
+            return vllm_rope(config, max_model_len=user)
+        except VllmRefuses as refusal:
+            return refusal
+
     work = Path(tempfile.mkdtemp(prefix="check_vllm_"))
     jobs, expected = [], []
     for name, (model, scaling, max_positions) in sorted(CASES.items()):
@@ -93,10 +100,7 @@ def main(argv=None) -> int:
         (work / name / "config.json").write_text(json.dumps(config))
         trained, factor = compute_inv_freq(scaling, model.head_dim, model.rotary_base)
         for user in (None, max_positions, scaling.original_max_position_embeddings or model.max_position_embeddings):
-            try:
-                encoded = vllm_rope(config, max_model_len=user)
-            except VllmRefuses as refusal:
-                encoded = refusal
+            encoded = encoded_or_refusal(config, user)
             jobs.append({"dir": str(work / name), "user": user, "inv_freq": trained.double().tolist()})
             expected.append((name, user, config, encoded, trained.double().numpy(), factor))
     for name in sorted(PROBES):  # configs one key away from an export: the rules where they bite
@@ -104,10 +108,7 @@ def main(argv=None) -> int:
         directory = work / f"probe-{len(jobs)}"
         directory.mkdir()
         (directory / "config.json").write_text(json.dumps(config))
-        try:
-            encoded = vllm_rope(config, max_model_len=user)
-        except VllmRefuses as refusal:
-            encoded = refusal
+        encoded = encoded_or_refusal(config, user)
         jobs.append({"dir": str(directory), "user": user, "inv_freq": encoded.inv_freq.tolist()
                      if not isinstance(encoded, Exception) else [1.0] * (config["head_dim"] // 2)})
         expected.append((f"probe: {name}", user, config, encoded, None, None))
