@@ -48,6 +48,15 @@ def is_first_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def parallel_layout() -> tuple:
+    """(TP, PP, DP) of this process's model-parallel groups ((1, 1, 1) without them)."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 1, 1, 1
+    return (parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_data_parallel_world_size())
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 

@@ -29,23 +29,12 @@ from pose_megatron.checkpoint.layout import (
 from pose_megatron.checkpoint.megatron_args import log_stock_rope, megatron_args, sharded_sd_metadata
 from pose_megatron.checkpoint.saved_state import CHECKPOINT_VERSION
 from pose_megatron.files import atomic_directory, incomplete_name
-from pose_megatron.runtime import is_first_rank
+from pose_megatron.runtime import is_first_rank, parallel_layout
 
 
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def parallel_layout() -> tuple:
-    """(TP, PP, DP) of this process's model-parallel groups ((1, 1, 1) without them)."""
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return 1, 1, 1
-    return (parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_data_parallel_world_size())
 
 
 def save_sharded(

@@ -29,7 +29,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from pose_megatron.checkpoint.layout import RunConfig, holds_checkpoint, resolve_checkpoint_dir
 from pose_megatron.checkpoint.megatron_args import megatron_args, sharded_sd_metadata
-from pose_megatron.checkpoint.megatron_io import load_model_weights, parallel_layout, save_sharded
+from pose_megatron.checkpoint.megatron_io import load_model_weights, save_sharded
 from pose_megatron.checkpoint.optimizer_state import (
     materialise_distributed_adam_state,
     pair_param_groups_with_saved,
@@ -38,6 +38,7 @@ from pose_megatron.checkpoint.optimizer_state import (
 )
 from pose_megatron.checkpoint.resume_checks import plan_resume
 from pose_megatron.checkpoint.saved_state import SavedState, read_saved_state
+from pose_megatron.runtime import parallel_layout
 
 logger = logging.getLogger(__name__)
 
