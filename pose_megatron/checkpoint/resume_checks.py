@@ -18,6 +18,28 @@ from pose_megatron.checkpoint.saved_state import SCHEDULE_KEYS, SCHEDULE_STEP_KE
 
 
 @dataclass
+class LoadOptions:
+    """How a run resumes a checkpoint (the trainer's --load flags)."""
+
+    global_batch_size: int
+    """Samples per step of this run (the schedule counts samples)."""
+    expected_schedule: dict
+    """The schedule this run builds (saved_state.SCHEDULE_KEYS, in samples)."""
+    use_distributed_optimizer: bool = False
+    """This run's optimizer is megatron-core's DistributedOptimizer (its state is sharded)."""
+    finetune: bool = False
+    """Weights only: progress, optimizer and schedule start afresh."""
+    no_load_optim: bool = False
+    """Fresh optimizer state; weights, schedule and progress restored."""
+    no_load_rng: bool = False
+    """Fresh RNG state (for a checkpoint whose RNG state does not fit this layout or device)."""
+    override_opt_param_scheduler: bool = False
+    """Continue with this run's schedule (from the checkpoint's sample count)."""
+    use_checkpoint_opt_param_scheduler: bool = False
+    """Continue with the checkpoint's schedule, whatever this run's flags say."""
+
+
+@dataclass
 class ResumePlan:
     """What a resume restores besides the weights, iteration and consumed samples."""
 
@@ -114,16 +136,17 @@ def _rng_plan(saved: SavedState, layout, no_load_rng: bool, notes: List[str]) ->
     return False
 
 
-def plan_resume(saved: SavedState, *, layout: Tuple[int, int, int], use_distributed_optimizer: bool,
-                no_load_optim: bool, no_load_rng: bool, expected_schedule: dict, global_batch: int,
-                override_schedule: bool = False, use_checkpoint_schedule: bool = False) -> ResumePlan:
-    """What to restore when a run at `layout` (TP, PP, DP) resumes `saved`; ValueError naming the
-    flag to pass where it cannot. `expected_schedule` holds the run's SCHEDULE_KEYS in samples."""
+def plan_resume(saved: SavedState, layout: Tuple[int, int, int], options: LoadOptions) -> ResumePlan:
+    """What to restore when a run at `layout` (TP, PP, DP) resumes `saved` as `options` say;
+    ValueError naming the flag to pass where it cannot."""
     where = str(saved.directory)
+    no_load_optim, no_load_rng = options.no_load_optim, options.no_load_rng
+    global_batch = options.global_batch_size
     if not no_load_optim:
-        _check_optimizer(saved, where, layout, use_distributed_optimizer)
-    schedule = _check_schedule(saved, where, expected_schedule, global_batch, override_schedule,
-                               use_checkpoint_schedule)
+        _check_optimizer(saved, where, layout, options.use_distributed_optimizer)
+    schedule = _check_schedule(saved, where, options.expected_schedule, global_batch,
+                               options.override_opt_param_scheduler,
+                               options.use_checkpoint_opt_param_scheduler)
     notes: List[str] = []
     if schedule is None:
         notes.append(f"the checkpoint holds no schedule state: it continues at sample "

@@ -36,7 +36,7 @@ from pose_megatron.checkpoint.optimizer_state import (
     set_schedule_bounds,
     restore_adam_steps,
 )
-from pose_megatron.checkpoint.resume_checks import plan_resume
+from pose_megatron.checkpoint.resume_checks import LoadOptions, plan_resume
 from pose_megatron.checkpoint.saved_state import SavedState, read_saved_state
 from pose_megatron.runtime import parallel_layout
 
@@ -51,26 +51,6 @@ class TrainingProgress:
     """Optimizer steps taken."""
     consumed_train_samples: int = 0
     """Training samples consumed (the data position to resume from)."""
-
-
-@dataclass
-class LoadOptions:
-    """How a run resumes a checkpoint (the trainer's --load flags)."""
-
-    global_batch_size: int
-    """Samples per step of this run (the schedule counts samples)."""
-    expected_schedule: dict
-    """The schedule this run builds (saved_state.SCHEDULE_KEYS, in samples)."""
-    use_distributed_optimizer: bool = False
-    finetune: bool = False
-    """Weights only: progress, optimizer and schedule start afresh."""
-    no_load_optim: bool = False
-    """Fresh optimizer state; weights, schedule and progress restored."""
-    no_load_rng: bool = False
-    override_opt_param_scheduler: bool = False
-    """Continue with this run's schedule (from the checkpoint's sample count)."""
-    use_checkpoint_opt_param_scheduler: bool = False
-    """Continue with the checkpoint's schedule, whatever this run's flags say."""
 
 
 def _rng_object(state, earlier_format: bool = False) -> ShardedObject:
@@ -178,12 +158,7 @@ def load_training_checkpoint(load, model, optimizer, scheduler,
         optimizer.reload_model_params()  # bf16 / fp16: the fp32 main params were the random init
         logger.info("loaded weights from %s (fine-tuning: fresh optimizer and schedule)", ckpt)
         return TrainingProgress()
-    plan = plan_resume(
-        saved, layout=parallel_layout(), use_distributed_optimizer=options.use_distributed_optimizer,
-        no_load_optim=options.no_load_optim, no_load_rng=options.no_load_rng,
-        expected_schedule=options.expected_schedule, global_batch=options.global_batch_size,
-        override_schedule=options.override_opt_param_scheduler,
-        use_checkpoint_schedule=options.use_checkpoint_opt_param_scheduler)
+    plan = plan_resume(saved, parallel_layout(), options)
     metadata = _content_metadata(saved)
     model_sd = model.sharded_state_dict(metadata=metadata)
     template = {"model": model_sd}

@@ -294,15 +294,8 @@ def _check_resume(run: TrainingRun) -> None:
     from pose_megatron.checkpoint.resume_checks import plan_resume
     from pose_megatron.checkpoint.saved_state import read_saved_state
 
-    t, p = run.training, run.parallel
-    plan_resume(read_saved_state(resolve_checkpoint_dir(t.load)),
-                layout=(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                        run.data_parallel_size),
-                use_distributed_optimizer=t.use_distributed_optimizer, no_load_optim=t.no_load_optim,
-                no_load_rng=t.no_load_rng, expected_schedule=run.schedule,
-                global_batch=run.global_batch_size,
-                override_schedule=t.override_opt_param_scheduler,
-                use_checkpoint_schedule=t.use_checkpoint_opt_param_scheduler)
+    plan_resume(read_saved_state(resolve_checkpoint_dir(run.training.load)), run.layout,
+                run.load_options())
 
 
 def data_prefixes(data_path: Sequence[str]) -> list:

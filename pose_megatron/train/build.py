@@ -24,7 +24,6 @@ from pose_megatron import runtime
 from pose_megatron.checkpoint.families import family_for_model
 from pose_megatron.checkpoint.layout import RunConfig
 from pose_megatron.checkpoint.training_state import (
-    LoadOptions,
     TrainingProgress,
     load_training_checkpoint,
 )
@@ -135,7 +134,7 @@ def build_trainer(run: TrainingRun) -> Trainer:
     progress = TrainingProgress()
     if training.load:
         progress = load_training_checkpoint(training.load, model.module, optimizer, scheduler,
-                                            load_options(run)) or progress
+                                            run.load_options()) or progress
     train_iter = build_data_iterator(
         train_ds, progress.consumed_train_samples, training.micro_batch_size,
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
@@ -144,17 +143,6 @@ def build_trainer(run: TrainingRun) -> Trainer:
     return Trainer(run=run, model=model, optimizer=optimizer, scheduler=scheduler,
                    progress=progress, train_iter=train_iter, valid_dataset=valid_ds,
                    run_config=_run_config(run), reporter=reporter)
-
-
-def load_options(run: TrainingRun) -> LoadOptions:
-    """How `run` resumes its --load checkpoint."""
-    t = run.training
-    return LoadOptions(
-        global_batch_size=run.global_batch_size, expected_schedule=run.schedule,
-        use_distributed_optimizer=t.use_distributed_optimizer, finetune=t.finetune,
-        no_load_optim=t.no_load_optim, no_load_rng=t.no_load_rng,
-        override_opt_param_scheduler=t.override_opt_param_scheduler,
-        use_checkpoint_opt_param_scheduler=t.use_checkpoint_opt_param_scheduler)
 
 
 def checkpoint_args(run: TrainingRun) -> dict:

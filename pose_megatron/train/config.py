@@ -231,6 +231,24 @@ class TrainingRun:
         """The LR / weight-decay schedule of this run, in samples (TrainingConfig.schedule_in_samples)."""
         return self.training.schedule_in_samples(self.global_batch_size)
 
+    @property
+    def layout(self) -> tuple:
+        """(TP, PP, DP) this run trains at."""
+        return (self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size,
+                self.data_parallel_size)
+
+    def load_options(self):
+        """How this run resumes its --load checkpoint (checkpoint.resume_checks.LoadOptions)."""
+        from pose_megatron.checkpoint.resume_checks import LoadOptions
+
+        t = self.training
+        return LoadOptions(
+            global_batch_size=self.global_batch_size, expected_schedule=self.schedule,
+            use_distributed_optimizer=t.use_distributed_optimizer, finetune=t.finetune,
+            no_load_optim=t.no_load_optim, no_load_rng=t.no_load_rng,
+            override_opt_param_scheduler=t.override_opt_param_scheduler,
+            use_checkpoint_opt_param_scheduler=t.use_checkpoint_opt_param_scheduler)
+
     def megatron_lm_fields(self) -> dict:
         """This run's settings under Megatron-LM's argument names, for the `args` of its checkpoints
         (the architecture and progress are added by checkpoint.megatron_args)."""
